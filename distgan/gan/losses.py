@@ -1,0 +1,119 @@
+"""GAN objectives and discriminator regularizers.
+
+Every loss is a scalar mean over the batch, reduced in fp32: logits produced under bf16/fp16
+autocast are cast with ``.float()`` first, so softplus/squares and the batch mean do not lose
+precision (or overflow in fp16) when the batch is large.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+OBJECTIVES = ("logistic", "hinge", "wgan-gp", "lsgan")
+
+
+def _check(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown GAN objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+def d_loss(objective: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator loss for ``objective`` (see ``OBJECTIVES``).
+
+    - ``logistic``: softplus(-D(x)) + softplus(D(G(z)))  (standard/non-saturating GAN)
+    - ``hinge``:    relu(1 - D(x)) + relu(1 + D(G(z)))
+    - ``wgan-gp``:  D(G(z)) - D(x); the gradient penalty is added by the caller (``gradient_penalty``)
+    - ``lsgan``:    0.5 * ((D(x) - 1)^2 + D(G(z))^2)  (targets real=1, fake=0)
+
+    The real and fake terms are averaged separately, so the two batches may differ in size.
+    """
+    _check(objective)
+    r, f = real_logits.float(), fake_logits.float()
+    if objective == "logistic":
+        return F.softplus(-r).mean() + F.softplus(f).mean()
+    if objective == "hinge":
+        return F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean()
+    if objective == "wgan-gp":
+        return f.mean() - r.mean()
+    return 0.5 * ((r - 1.0).square().mean() + f.square().mean())
+
+
+def g_loss(objective: str, fake_logits: Tensor) -> Tensor:
+    """Generator loss: ``logistic`` softplus(-D(G(z))) (non-saturating), ``hinge``/``wgan-gp``
+    -D(G(z)), ``lsgan`` 0.5 * (D(G(z)) - 1)^2."""
+    _check(objective)
+    f = fake_logits.float()
+    if objective == "logistic":
+        return F.softplus(-f).mean()
+    if objective in ("hinge", "wgan-gp"):
+        return -f.mean()
+    return 0.5 * (f - 1.0).square().mean()
+
+
+def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+    """Per-sample R1 term ||dD(x)/dx||^2, shape (N,) (Mescheder et al. 2018).
+
+    ``real_images`` must have had ``requires_grad_(True)`` before the discriminator ran. The
+    graph is kept (``create_graph=True``) so that backpropagating the penalty reaches D's
+    parameters. Summing the logits is valid because sample i's logit depends only on image i
+    (no batch-coupled layers in D). The caller scales by gamma/2 (and the lazy interval).
+    """
+    (grad,) = torch.autograd.grad(
+        outputs=real_logits.sum(), inputs=real_images, create_graph=True, only_inputs=True
+    )
+    return grad.float().square().flatten(1).sum(dim=1)
+
+
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(0,1) in fp32, drawn on the generator's device (a CPU generator cannot feed a CUDA
+    draw), then moved to ``like``'s device and dtype."""
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return u.to(device=like.device, dtype=like.dtype)
+
+
+def gradient_penalty(
+    discriminator: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fake: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """WGAN-GP penalty (Gulrajani et al. 2017): E[(||grad_x D(x_hat)||_2 - 1)^2] with
+    x_hat = a * real + (1 - a) * fake, a ~ U(0,1) per sample.
+
+    ``discriminator`` maps images to logits (wrap a conditional D, e.g. ``lambda x: D(x, y)``).
+    Real and fake are detached: the penalty trains D only, never G. The caller multiplies by
+    the weight (``loss.gp_weight``).
+    """
+    real, fake = real.detach(), fake.detach()
+    alpha = _uniform((real.shape[0],) + (1,) * (real.dim() - 1), real, generator)
+    x_hat = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        outputs=discriminator(x_hat).sum(), inputs=x_hat, create_graph=True, only_inputs=True
+    )
+    # vector_norm's backward is defined (zero) at a zero gradient, unlike a hand-written sqrt.
+    norm = torch.linalg.vector_norm(grad.float().flatten(1), ord=2, dim=1)
+    return (norm - 1.0).square().mean()
+
+
+def lazy_reg_adam_params(
+    lr: float, betas: tuple[float, float], interval: int
+) -> tuple[float, tuple[float, float]]:
+    """Adam settings corrected for lazy regularization (StyleGAN2, Karras et al. 2020, App. B).
+
+    When the regularizer runs every ``interval`` steps, the optimizer effectively takes
+    ``interval + 1`` steps per ``interval`` minibatches, so lr is scaled by c = interval/(interval+1)
+    and the betas raised to the power c to keep the same momentum time scale in images.
+    ``interval <= 0`` (no lazy regularization) returns the inputs unchanged.
+    """
+    if interval <= 0:
+        return lr, (betas[0], betas[1])
+    c = interval / (interval + 1)
+    return lr * c, (betas[0] ** c, betas[1] ** c)
+
+
+__all__ = ["OBJECTIVES", "d_loss", "g_loss", "r1_penalty", "gradient_penalty", "lazy_reg_adam_params"]

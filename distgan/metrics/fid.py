@@ -1,0 +1,259 @@
+"""FID and KID of a generator against real images, single- or multi-process.
+
+Features are extracted here (not inside torchmetrics) because we need them in hand: each rank
+featurizes its share of the n samples, the shares are all-gathered into sample order (so the
+result does not depend on the world size), real features are cached on disk, and one extractor
+pass serves both FID and KID. torchmetrics' ``FrechetInceptionDistance`` and
+``KernelInceptionDistance`` then receive the gathered features through an identity "feature
+network" (``_Features``) and do the statistics; neither needs torch-fidelity with a custom
+module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from distgan.metrics.extractors import EvalError, build_extractor
+
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # the usual KID protocol (Binkowski et al.)
+
+
+class _Features(nn.Module):
+    """Identity feature network: torchmetrics gets features we already extracted and gathered.
+    ``num_features`` stops FrechetInceptionDistance from probing it with a dummy image."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Per-sample RNG seed: sample i's latent depends only on (seed, i), never on which rank or
+    batch draws it, so every world size evaluates the same set of samples."""
+    return (seed * 0x9E3779B97F4A7C15 + index) % (2**63)
+
+
+def latents(seed: int, indices: range, z_dim: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents (and class labels when num_classes > 0) of the given global sample indices."""
+    zs, labels = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(sample_seed(seed, i))
+        zs.append(torch.randn(z_dim, generator=g))
+        if num_classes > 0:
+            labels.append(int(torch.randint(num_classes, (), generator=g)))
+    z = torch.stack(zs) if zs else torch.zeros(0, z_dim)
+    return z, (torch.tensor(labels, dtype=torch.long) if num_classes > 0 else None)
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[range, int]:
+    """This rank's contiguous slice of sample indices and the padded share size. Shares are
+    ceil(n/world): full ranks first, then one partial one (and possibly empty ones), so
+    concatenating the gathered shares and cutting at n restores sample order exactly."""
+    per = math.ceil(n / world_size)
+    start = min(n, rank * per)
+    return range(start, min(n, start + per)), per
+
+
+# ---------------------------------------------------------------------------- collectives
+
+
+def _distributed(world_size: int) -> bool:
+    if world_size == 1:
+        return False
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        raise EvalError(f"world_size={world_size} needs torch.distributed initialized with that many processes")
+    return True
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")  # gloo: CPU tensors
+
+
+def _all_true(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Every rank's flag is true (so all ranks take the same branch and no collective hangs)."""
+    if not _distributed(world_size):
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_features(local: torch.Tensor, per: int, n: int, world_size: int) -> torch.Tensor:
+    """All shares in sample order: pad each to ``per`` rows (all_gather needs equal sizes), gather,
+    drop the padding (it is all at the tail, see ``shard``)."""
+    if not _distributed(world_size):
+        return local
+    dev = _comm_device(local.device)
+    padded = torch.zeros(per, local.shape[1], dtype=local.dtype, device=dev)
+    padded[: len(local)] = local.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n].to(local.device)
+
+
+# ---------------------------------------------------------------------------- feature passes
+
+
+@torch.no_grad()
+def _featurize(extractor: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([extractor(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+
+
+def _real_features(batches: Iterable, count: int, extractor: nn.Module, batch_size: int,
+                   device: torch.device) -> list[torch.Tensor]:
+    """Features of the first ``count`` real images; stops pulling batches once it has enough."""
+    out, got = [], 0
+    if count == 0:
+        return out
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):  # (images, labels) from a DataLoader
+            batch = batch[0]
+        batch = batch[: count - got]
+        out.append(_featurize(extractor, batch, batch_size, device))
+        got += len(batch)
+        if got >= count:
+            break
+    return out
+
+
+@torch.no_grad()
+def _fake_features(generate: Callable, indices: range, z_dim: int, num_classes: int, seed: int,
+                   extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
+    feats = [torch.zeros(0, extractor.num_features, device=device)]
+    for lo in range(indices.start, indices.stop, batch_size):
+        z, labels = latents(seed, range(lo, min(lo + batch_size, indices.stop)), z_dim, num_classes)
+        images = generate(z.to(device), None if labels is None else labels.to(device))
+        feats.append(extractor(images.to(device)))
+    return torch.cat(feats)
+
+
+def _cache_path(cache_dir: str, real_id: str, resolution: int, extractor: nn.Module, n: int) -> Path:
+    key = json.dumps({"real_id": real_id, "resolution": resolution, "extractor": extractor.name,
+                      "weights": extractor.tag, "n": n}, sort_keys=True)
+    return Path(cache_dir).expanduser() / f"real-{extractor.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+def _save_atomic(path: Path, feats: torch.Tensor, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"features": feats.float().cpu().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def scores(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
+    """(FID, KID mean, KID std) of two feature matrices, via torchmetrics."""
+    d, dev = real.shape[1], real.device
+    # sync_on_compute=False: the features are already gathered; a torchmetrics sync would
+    # count every rank's copy again.
+    fid = FrechetInceptionDistance(feature=_Features(d), sync_on_compute=False).to(dev)
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    size = min(KID_SUBSET_SIZE, len(real), len(fake))
+    with warnings.catch_warnings():  # "KID keeps all features in memory": that is the plan
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Features(d), subsets=KID_SUBSETS, subset_size=size,
+                                      sync_on_compute=False).to(dev)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    # KID draws its subsets from the global CPU RNG: seed it locally, so that all ranks and all
+    # world sizes pick the same subsets, and the caller's RNG stream is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return float(fid.compute()), float(kid_mean), float(kid_std)
+
+
+def evaluate(
+    generate: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    z_dim: int,
+    num_classes: int,
+    real_batches: Iterable[torch.Tensor],
+    n: int,
+    extractor: str = "inception",
+    weights: str = "",
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    cache_dir: str | None = None,
+    real_id: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    n_real_available: int | None = None,
+    resolution: int | None = None,
+    allow_download: bool | None = None,
+) -> dict:
+    """FID/KID of ``generate`` (z, labels) -> images in [-1, 1] against n real images.
+
+    Every rank must call this (collectives inside). Rank r generates and featurizes samples
+    ceil(n/world)*r onward and reads its real share from its own ``real_batches`` stream;
+    all ranks return the same dict. For results independent of the world size ``generate``
+    must treat samples independently (eval mode: no batch statistics).
+
+    ``cache_dir`` and ``real_id`` (a stable name of the real data, e.g. the data source) enable
+    the real-feature cache, keyed by (real_id, resolution, extractor and weights, n).
+    ``resolution`` is only used for that key; when None the first real batch is peeked (it is
+    pulled from the stream even on a cache hit). Raises EvalError before any generation when
+    fewer than n real images exist (``n_real_available`` or the streams running dry).
+    """
+    if n < 2:
+        raise EvalError(f"n={n}: FID needs at least 2 samples")
+    if not 0 <= rank < world_size:
+        raise EvalError(f"rank={rank} outside world_size={world_size}")
+    if n_real_available is not None and n_real_available < n:
+        raise EvalError(f"only {n_real_available} real images for n={n}; lower eval.n_samples")
+    _distributed(world_size)  # fail early on a missing/mismatched process group
+    device = torch.device(device)
+    ext = build_extractor(extractor, weights, device, allow_download)
+    indices, per = shard(n, rank, world_size)
+
+    # Real features: from the cache when every rank sees it, else from the streams.
+    path, real = None, None
+    if cache_dir and real_id:
+        if resolution is None:
+            first = next(iter(real_batches), None)
+            if first is not None:
+                first = first[0] if isinstance(first, (tuple, list)) else first
+                resolution = int(first.shape[-1])
+                real_batches = itertools.chain([first], real_batches)
+        path = _cache_path(cache_dir, real_id, resolution or 0, ext, n)
+    if path is not None and _all_true(path.is_file(), world_size, device):
+        real = load_file(str(path), device=str(device))["features"]
+        if len(real) != n:  # a foreign or damaged file under our name: recompute
+            real = None
+    if real is None:
+        local = _real_features(real_batches, len(indices), ext, batch_size, device)
+        local = torch.cat(local) if local else torch.zeros(0, ext.num_features, device=device)
+        if not _all_true(len(local) == len(indices), world_size, device):
+            raise EvalError(f"too few real images for n={n}: rank {rank} got {len(local)} of its "
+                            f"{len(indices)} (every rank must have its share); lower eval.n_samples")
+        real = gather_features(local, per, n, world_size)
+        if path is not None and rank == 0:
+            _save_atomic(path, real, {"real_id": real_id, "resolution": str(resolution),
+                                      "extractor": ext.name, "weights": ext.tag, "n": str(n)})
+
+    fake_local = _fake_features(generate, indices, z_dim, num_classes, seed, ext, batch_size, device)
+    fake = gather_features(fake_local, per, n, world_size)
+    fid, kid, kid_std = scores(real, fake, seed)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std, "n_real": len(real), "n_fake": len(fake),
+            "resize": ext.resize, "extractor": ext.name}

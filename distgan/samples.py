@@ -1,0 +1,61 @@
+"""Sample grids: fixed latents in, a PNG out (used by training, `distgan sample` and reports)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def fixed_latents(n: int, z_dim: int, num_classes: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same latents every time for a seed; one row per class when conditional."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    c = None
+    if num_classes:
+        per_row = max(1, n // num_classes) if num_classes <= n else 1
+        c = (torch.arange(n) // per_row).clamp(max=num_classes - 1)
+    return z.to(device), (c.to(device) if c is not None else None)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> Image.Image:
+    """Tile a batch of [-1, 1] images into one PIL image (`nrow` images per row)."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+@torch.no_grad()
+def generate(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None, batch_size: int = 64) -> torch.Tensor:
+    """Run G in eval mode over z in chunks (restores its train/eval mode afterwards)."""
+    was_training = G.training
+    G.eval()
+    try:
+        out = [G(z[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(z), batch_size)]
+    finally:
+        G.train(was_training)
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    make_grid(images, nrow).save(tmp)
+    tmp.replace(path)
+    return path

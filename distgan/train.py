@@ -1,0 +1,107 @@
+"""Train a GAN: `accelerate launch distgan/train.py [--config F] [section.key=value ...]`.
+
+The same program as `distgan train`. With no arguments it trains configs/default.yaml's small
+GAN on the built-in emoji dataset, on CPU or GPU, and writes sample grids to runs/default/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (accelerate launch distgan/train.py): import the package from the repo
+    # root instead of letting distgan/'s own folder shadow top-level module names.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import logging
+import random
+
+import numpy as np
+import torch
+
+from distgan.config import Config, load_config
+
+log = logging.getLogger("distgan")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_summary(G: torch.nn.Module, D: torch.nn.Module) -> str:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return f"G: {count(G) / 1e6:.2f}M parameters, D: {count(D) / 1e6:.2f}M parameters"
+
+
+def run(cfg: Config, dry_run: bool = False) -> str:
+    """Build backend, data, models and trainer from `cfg`; train. Returns "done"/"preempted"/"dry-run"."""
+    from distgan.backends import build_backend
+    from distgan.data import build_stream
+    from distgan.distributed import check_world_size
+    from distgan.models import build_models
+    from distgan.trainer import Trainer
+
+    if dry_run:
+        print(cfg.to_yaml(), end="")
+        seed_everything(cfg.train.seed)
+        stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
+        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+        print(f"# {model_summary(G, D)}; data: {stream.info.num_samples} images, {stream.info.num_classes} classes")
+        stream.close()
+        return "dry-run"
+
+    backend = build_backend(cfg)
+    _setup_logging(backend.is_main)
+    check_world_size(cfg.dist.expect_world_size, backend.world_size)
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if backend.is_main:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    except OSError as e:
+        raise SystemExit(f"distgan: error: cannot write to the run folder {run_dir}: {e.strerror or e}") from None
+    # Identical initial weights on every rank; then a different stream of latents per rank.
+    seed_everything(cfg.train.seed)
+    stream = build_stream(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+    seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
+    log.info("%s; %d process(es) on %s, mixed precision %s", model_summary(G, D), backend.world_size,
+             backend.device, backend.mixed_precision)
+    trainer = Trainer(cfg, backend, stream, G, D)
+    try:
+        trainer.restore()
+        status = trainer.fit()
+    finally:
+        stream.close()
+    log.info("Finished (%s) at step %d; samples in %s", status, trainer.state.step, run_dir / "samples")
+    backend.close()
+    return status
+
+
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point shared by this script and `distgan train`."""
+    from distgan.cli import train_command
+
+    return train_command.main(args=argv, prog_name="distgan/train.py", standalone_mode=True)
+
+
+def load_from_args(config: str | None, overrides: tuple[str, ...]) -> Config:
+    """--config F (else configs/default.yaml when present) plus overrides."""
+    path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    return load_config(path, list(overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""EMA generator: the StyleGAN2-ADA beta schedule and the exact update arithmetic."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from distgan.gan.ema import ema_beta, make_ema, update_ema
+
+
+def test_beta_formula():
+    # 0.5 ** (batch / halflife_nimg)
+    assert ema_beta(32, 10.0, None, 10**6) == pytest.approx(0.9977843871238888, rel=1e-12)
+    assert ema_beta(64, 2.0, None, 0) == pytest.approx(0.9780634734473393, rel=1e-12)
+    # Ramp-up caps the half-life at cur_nimg * rampup: 100k * 0.05 = 5k < 10k.
+    assert ema_beta(32, 10.0, 0.05, 100_000) == pytest.approx(0.9955736831881946, rel=1e-12)
+    # ...and stops mattering once cur_nimg * rampup exceeds the half-life.
+    assert ema_beta(32, 10.0, 0.05, 10**6) == ema_beta(32, 10.0, None, 10**6)
+    assert ema_beta(32, 10.0, 0.0, 0) == ema_beta(32, 10.0, None, 0)
+    # At the very start the EMA simply copies G.
+    assert ema_beta(32, 10.0, 0.05, 0) == 0.0
+
+
+def test_halflife_zero_disables_updates():
+    assert ema_beta(32, 0.0, 0.05, 5000) == 1.0
+    assert ema_beta(32, -1.0, None, 5000) == 1.0
+    model = nn.Linear(3, 2)
+    ema = make_ema(model)
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_ema(ema, model, ema_beta(32, 0.0, 0.05, 5000))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
+
+
+def test_make_ema_is_frozen_independent_copy():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = make_ema(model)
+    assert not ema.training and model.training
+    assert all(not p.requires_grad for p in ema.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(ema[0].weight, model[0].weight)
+
+
+def test_update_is_exact_lerp():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = make_ema(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    old = {k: v.clone() for k, v in ema.state_dict().items()}
+    beta = 0.9
+    update_ema(ema, model, beta)
+    for name, p in model.named_parameters():
+        assert torch.equal(ema.get_parameter(name), p.detach() + (old[name] - p.detach()) * beta)
+    update_ema(ema, model, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+
+
+def test_buffers_are_copied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = make_ema(model)
+    model(torch.randn(16, 3) * 3 + 1)  # train-mode forward updates the running stats
+    update_ema(ema, model, 0.99)
+    bn, ema_bn = model[1], ema[1]
+    assert torch.equal(ema_bn.running_mean, bn.running_mean)
+    assert torch.equal(ema_bn.running_var, bn.running_var)
+    assert ema_bn.num_batches_tracked.item() == 1
+
+
+def test_spectral_norm_parametrization():
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(5, 4)), nn.ReLU(), spectral_norm(nn.Linear(4, 1)))
+    ema = make_ema(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(8, 5)).sum().backward()  # also runs a power iteration (u, v change)
+    opt.step()
+    old = ema[0].parametrizations.weight.original.clone()
+    orig = model[0].parametrizations.weight.original.detach()
+    update_ema(ema, model, 0.5)
+    assert torch.equal(ema[0].parametrizations.weight.original, orig + (old - orig) * 0.5)
+    assert torch.equal(ema[0].parametrizations.weight[0]._u, model[0].parametrizations.weight[0]._u)
+    update_ema(ema, model, 0.0)  # an exact copy computes exactly what the model does
+    x = torch.randn(3, 5)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(ema(x), model(x))
+
+
+class _Wrapper(nn.Module):  # stands in for DDP, which stores the net as .module
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_wrapped_model_matched_by_name_and_mismatch_raises():
+    model = nn.Linear(2, 2)
+    ema = make_ema(model)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    update_ema(ema, _Wrapper(model), 0.0)
+    assert torch.equal(ema.weight, model.weight)
+    with pytest.raises(KeyError, match="weight"):
+        update_ema(make_ema(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2)), 0.5)
