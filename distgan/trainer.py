@@ -22,7 +22,7 @@ import torch
 from distgan.backends import Backend
 from distgan.checkpoint import Checkpointer, CheckpointError, TrainState
 from distgan.config import Config, ConfigError, frozen_keys
-from distgan.distributed import PreemptionWatch
+from distgan.preemption import PreemptionWatch
 from distgan.gan.ema import ema_beta, make_ema, update_ema
 from distgan.gan.losses import lazy_reg_adam_params
 from distgan.gan.objective import GANObjective

