@@ -1,49 +1,181 @@
 """Run tracking from the main process: `metrics.jsonl` in the run folder, and W&B.
 
-`metrics.jsonl` mirrors every scalar row, so nothing depends on the W&B server.
+`metrics.jsonl` mirrors every scalar row, so nothing depends on the W&B server (`distgan report`
+draws its curves from it). W&B goes through Accelerate's `WandBTracker`, created here rather
+than by `Accelerator(log_with=...)`: the trainer never sees an Accelerator (the DeepSpeed backend
+has none) and the tracker exists on the main process only, so every backend logs the same way.
+The underlying `wandb.Run` (`tracker.tracker`) is still needed for what Accelerate does not wrap:
+`define_metric` (our own step axis) and the summary.
+
+Step axis: every row carries `train/step` (distgan's generator step) and all metrics are plotted
+against it (`define_metric("*", step_metric="train/step")`). W&B's own `_step` is left to count
+log calls: after a requeue it would restart (offline runs ignore `resume`) or reject lower
+steps, while `train/step` keeps increasing across requeues of the same run id.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import netrc
+import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from distgan.config import Config
 
+log = logging.getLogger("distgan")
+
+STEP_KEY = "train/step"
+"""distgan's own step key: the x axis of every W&B chart."""
+
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "off"}
+
+
+def wandb_credentials() -> bool:
+    """True when W&B can log in without asking: WANDB_API_KEY, or a netrc entry for the API host."""
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    for name in filter(None, (os.environ.get("NETRC"), "~/.netrc", "~/_netrc")):
+        path = Path(name).expanduser()
+        try:
+            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+                return True
+        except (netrc.NetrcParseError, OSError):
+            continue  # an unreadable netrc is "no credentials", not a crash
+    return False
+
+
+def resolve_wandb_mode(setting: str) -> tuple[str, str]:
+    """(`online`|`offline`|`off`, a hint for the log or "").
+
+    `auto` honours an explicit WANDB_MODE from the environment, then goes online only with
+    credentials; otherwise offline, never the interactive login prompt (which would hang a
+    batch job). `online` without credentials is an error for the same reason.
+    """
+    if setting == "off":
+        return "off", ""
+    if setting == "offline":
+        return "offline", ""
+    has_key = wandb_credentials()
+    if setting == "online":
+        if not has_key:
+            from distgan.config import ConfigError
+
+            raise ConfigError("logging.wandb=online but no W&B credentials were found (WANDB_API_KEY or a ~/.netrc "
+                              "entry for api.wandb.ai from `wandb login`). Log in, or use logging.wandb=offline|auto.")
+        return "online", ""
+    env = _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
+    if env:
+        return env, ""
+    if has_key:
+        return "online", ""
+    return "offline", "W&B: no credentials found, logging offline; upload later with `wandb sync {dir}/wandb/offline-run-*`."
+
+
+def new_run_id() -> str:
+    """An 8-character base-36 id like W&B's own (from `secrets`: the training RNG is not touched)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
 
 class Tracker:
-    """Writes scalar rows and images; a no-op on non-main ranks."""
+    """Writes scalar rows and images; a no-op on non-main ranks.
+
+    `run_id` is the W&B run id from the checkpoint ("" on a fresh run); after construction
+    `self.run_id` is the id in use, which the trainer stores in the next checkpoint.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, is_main: bool, run_id: str = ""):
         self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main
         self.run_id = run_id
+        self.mode = "off"
+        self._wandb = None  # accelerate.tracking.WandBTracker, main process only
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a") if is_main else None
+        if is_main:
+            self.mode, hint = resolve_wandb_mode(cfg.logging.wandb)
+            if self.mode != "off":
+                self._start_wandb(hint)
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    # ------------------------------------------------------------------ W&B
+    def _start_wandb(self, hint: str) -> None:
+        from accelerate.tracking import WandBTracker  # imports wandb only on start()
+
+        lg = self.cfg.logging
+        self.run_id = self.run_id or new_run_id()
+        kwargs: dict[str, Any] = dict(
+            id=self.run_id, resume="allow", name=self.cfg.train.name, dir=str(self.run_dir),
+            entity=lg.entity or None, group=lg.group or None, tags=list(lg.tags) or None,
+            config=self.cfg.to_dict(), mode=self.mode, settings={"console": "off"},
+        )
+        try:
+            tracker = WandBTracker(lg.project, **kwargs)
+            tracker.start()
+        except Exception as e:  # noqa: BLE001 - a W&B outage must not kill a training job
+            if self.mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead.", e)
+            self.mode = kwargs["mode"] = "offline"
+            tracker = WandBTracker(lg.project, **kwargs)
+            tracker.start()
+        run = tracker.tracker
+        # Our step axis, so a requeued run continues on an increasing x axis (see module doc).
+        run.define_metric(STEP_KEY)
+        run.define_metric("*", step_metric=STEP_KEY)
+        self._wandb = tracker
+        if hint:
+            log.info(hint.format(dir=self.run_dir))
+        log.info("W&B run %s (%s) in %s", self.run_id, self.mode, self.run_dir / "wandb")
+
+    # ------------------------------------------------------------------ logging
+    def log(self, step: int, scalars: dict[str, Any]) -> None:
+        """One row: numbers (NaN/inf kept as strings in the JSON mirror) and a few settings strings."""
         if not self.is_main:
             return
         row = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            values = {k: (float(v) if not isinstance(v, str) else v) for k, v in scalars.items()}
+            self._wandb.log({**values, STEP_KEY: step})
 
     def log_image(self, step: int, name: str, path: Path, caption: str = "") -> None:
-        """Images are already saved as PNGs in the run folder; remote trackers upload them."""
+        """Images are already saved as PNGs in the run folder; W&B gets a copy of the file."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.log({name: wandb.Image(str(path), caption=caption or Path(path).stem), STEP_KEY: step})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Facts that are not curves (e.g. the best FID and where it was)."""
+        if self._wandb is not None:
+            self._wandb.tracker.summary.update(values)
 
     def finish(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
     value = float(value)
     return value if math.isfinite(value) else str(value)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of `metrics.jsonl` as written (a resumed run may repeat steps; see `report.clean_rows`)."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -236,11 +237,15 @@ class InceptionExtractor(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
         try:
-            self.net, self.scripted = torch.jit.load(str(weights), map_location="cpu"), True
+            with warnings.catch_warnings():  # "jit.load is deprecated": the file *is* TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net, self.scripted = torch.jit.load(str(weights), map_location="cpu"), True
         except RuntimeError:  # not TorchScript: a plain state dict (weights_only: no pickle code)
             state = torch.load(weights, map_location="cpu", weights_only=True)
             self.net, self.scripted = FIDInceptionV3().load_pytorch_fid(state), False
-        self.net.eval().requires_grad_(False)
+        self.net.eval()
+        for p in self.net.parameters():  # ScriptModules lack requires_grad_()
+            p.requires_grad_(False)
         self.resize = "tf1-bilinear-299" if self.scripted else "bilinear-299"
         # The cache key must change when the network or its preprocessing does.
         self.tag = f"{weights.name}:{weights.stat().st_size}:{self.resize}"

@@ -86,13 +86,14 @@ def _comm_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")  # gloo: CPU tensors
 
 
-def _all_true(flag: bool, world_size: int, device: torch.device) -> bool:
-    """Every rank's flag is true (so all ranks take the same branch and no collective hangs)."""
+def _all_reduce(value: int, world_size: int, device: torch.device, op=dist.ReduceOp.SUM) -> int:
+    """Combine an int over ranks, so that all ranks take the same branch and none is left
+    waiting in a collective that the others skipped."""
     if not _distributed(world_size):
-        return flag
-    t = torch.tensor([int(flag)], device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=_comm_device(device))
+    dist.all_reduce(t, op=op)
+    return int(t.item())
 
 
 def gather_features(local: torch.Tensor, per: int, n: int, world_size: int) -> torch.Tensor:
@@ -230,23 +231,24 @@ def evaluate(
     # Real features: from the cache when every rank sees it, else from the streams.
     path, real = None, None
     if cache_dir and real_id:
-        if resolution is None:
-            first = next(iter(real_batches), None)
+        if resolution is None:  # peek, then put the batch back in front of the same iterator
+            it = iter(real_batches)
+            first = next(it, None)
+            real_batches = it if first is None else itertools.chain([first], it)
             if first is not None:
-                first = first[0] if isinstance(first, (tuple, list)) else first
-                resolution = int(first.shape[-1])
-                real_batches = itertools.chain([first], real_batches)
+                resolution = int((first[0] if isinstance(first, (tuple, list)) else first).shape[-1])
         path = _cache_path(cache_dir, real_id, resolution or 0, ext, n)
-    if path is not None and _all_true(path.is_file(), world_size, device):
+    if path is not None and _all_reduce(int(path.is_file()), world_size, device, dist.ReduceOp.MIN):
         real = load_file(str(path), device=str(device))["features"]
         if len(real) != n:  # a foreign or damaged file under our name: recompute
             real = None
     if real is None:
         local = _real_features(real_batches, len(indices), ext, batch_size, device)
         local = torch.cat(local) if local else torch.zeros(0, ext.num_features, device=device)
-        if not _all_true(len(local) == len(indices), world_size, device):
-            raise EvalError(f"too few real images for n={n}: rank {rank} got {len(local)} of its "
-                            f"{len(indices)} (every rank must have its share); lower eval.n_samples")
+        missing = _all_reduce(len(indices) - len(local), world_size, device)
+        if missing:  # every rank needs its full share: a short stream anywhere fails all ranks
+            raise EvalError(f"too few real images for n={n}: {missing} missing (rank {rank} got "
+                            f"{len(local)} of its {len(indices)}); lower eval.n_samples")
         real = gather_features(local, per, n, world_size)
         if path is not None and rank == 0:
             _save_atomic(path, real, {"real_id": real_id, "resolution": str(resolution),

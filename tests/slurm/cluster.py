@@ -465,6 +465,7 @@ def main(argv: list[str]) -> int:
         _watchdog(int(argv[1]), argv[2])
         return 0
     if argv[:1] == ["up"]:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         with SlurmCluster() as c:
             print(f"cluster up in {c.startup_seconds:.2f}s; nodes {', '.join(c.nodes)}")
             print(f"export SLURM_CONF={c.conf} {MARKER}={c.marker}")

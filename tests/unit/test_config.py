@@ -1,0 +1,116 @@
+"""Config: defaults < YAML file < command line, and errors that name the key."""
+
+import dataclasses
+
+import pytest
+
+from distgan.config import Config, ConfigError, describe, field_docs, load_config, parse_override
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    cfg = load_config()
+    assert cfg.data.source == "builtin:twemoji"
+    assert cfg.optim.d_steps >= 1 and cfg.train.resume == "auto"
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 50\n  seed: 3\noptim:\n  g_lr: 0.001\n")
+    cfg = load_config(path, ["train.steps=7"])
+    assert cfg.train.steps == 7  # command line wins over file
+    assert cfg.train.seed == 3  # file wins over default
+    assert cfg.optim.g_lr == 0.001
+    assert cfg.optim.d_lr == Config().optim.d_lr  # untouched default
+
+
+def test_override_types_are_coerced():
+    cfg = load_config(None, ["optim.g_betas=[0.0, 0.99]", "logging.tags=[a,b]", "data.hflip=false",
+                             "optim.d_lr=1e-3", "train.steps=1_000"])
+    assert cfg.optim.g_betas == (0.0, 0.99)
+    assert cfg.logging.tags == ["a", "b"]
+    assert cfg.data.hflip is False
+    assert cfg.optim.d_lr == pytest.approx(1e-3)
+    assert cfg.train.steps == 1000
+
+
+def test_dict_overrides():
+    cfg = load_config(None, {"train.steps": 11, "model.arch": "resnet"})
+    assert cfg.train.steps == 11 and cfg.model.arch == "resnet"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.step=5", "Did you mean 'train.steps'"),
+    ("optim.dsteps=5", "Did you mean 'optim.d_steps'"),
+    ("trian.steps=5", "Did you mean 'train'"),
+    ("steps=5", "section.key"),
+])
+def test_unknown_key_names_it_and_suggests(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.steps=abc", "optim.d_lr=fast", "data.hflip=maybe", "optim.g_betas=[1]",
+                                      "train.steps=2.5", "data.batch_size=true"])
+def test_wrong_type_names_key(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write(tmp_path, "model:\n  archh: dcgan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "model.archh" in str(err.value) and "model.arch" in str(err.value)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("loss.objective=hinj", "Did you mean 'hinge'"),
+    ("data.resolution=48", "power of two"),
+    ("data.resolution=512", "16 to 256"),
+    ("data.channels=4", "1 or 3"),
+    ("optim.d_steps=0", "at least 1"),
+    ("loss.diffaugment=color,transl", "translation"),
+    ("dist.mixed_precision=fp8", "bf16"),
+])
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section"):
+        load_config(write(tmp_path, "train: 5\n"))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.steps")
+
+
+def test_every_field_has_a_docstring():
+    for section in dataclasses.fields(Config):
+        docs = field_docs(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            assert docs.get(f.name), f"{section.name}.{f.name} has no docstring"
+    assert "data.source" in describe()
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["train.steps=9", "optim.g_betas=[0.1,0.2]", "logging.tags=[x]"])
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)
