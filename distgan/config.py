@@ -9,6 +9,7 @@ are raised before any work starts.
 from __future__ import annotations
 
 import ast
+import re
 import dataclasses
 import difflib
 import inspect
@@ -18,6 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false. (YAML 1.1 reads `off`, `no`, `on` as booleans,
+    which would turn `logging.wandb: off` into False.)"""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -328,7 +346,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"Override '{text}' must look like section.key=value (e.g. train.steps=100).")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -342,7 +360,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not path.is_file():
             raise ConfigError(f"Config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):

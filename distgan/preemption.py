@@ -2,7 +2,17 @@
 
 SIGUSR1 or SIGTERM to any rank, or a `PREEMPT` file in the run folder, sets a local flag;
 every `every` steps all ranks OR their flags with one small all-reduce, so they all save at the
-same step boundary and exit together with EXIT_PREEMPTED (slurm/train.sh requeues the job).
+same step boundary and exit together with EXIT_PREEMPTED = 17 (slurm/train.sh requeues the job).
+
+The PREEMPT file doubles as the "stopped for preemption" marker: when the ranks agree to stop, the
+main process (re)writes it with the step and the reason, and it stays until the next start of the
+trainer removes it. Wrappers need it because launchers do not pass the exit code 17 through.
+
+Which signals reach the ranks: `accelerate launch`/`torchrun` forward only TERM/INT/HUP/QUIT to
+their workers (and SIGKILL them 30 s after forwarding a TERM), so SIGUSR1 must be sent to a rank
+itself; under SLURM the batch shell turns its USR1 into the PREEMPT file instead. The launcher's
+own exit code is 1 when a worker exits 17, so wrappers should rely on the DONE marker the
+trainer writes on completion (slurm/train.sh does), not on 17 surviving the launcher.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 log = logging.getLogger("distgan")
 
 PREEMPT_FILE = "PREEMPT"
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionWatch:
@@ -25,25 +36,47 @@ class PreemptionWatch:
     def __init__(self, run_dir: Path, backend, every: int = 5):
         self.file = Path(run_dir) / PREEMPT_FILE
         self.backend, self.every = backend, every
-        self._signalled = False
+        self.signal_name = ""
+        if backend.is_main:
+            # A marker left by the previous (preempted) attempt is not a new request.
+            self.file.unlink(missing_ok=True)
+        self._previous: dict[int, object] = {}
+        # Signal handlers can only be installed from the main thread (a trainer driven from a
+        # worker thread, e.g. in a notebook, still gets the PREEMPT file).
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("Received %s: will checkpoint at the next step boundary.", signal.Signals(signum).name)
-        self._signalled = True
+        # Only set a flag: the handler runs between two bytecodes of arbitrary code (maybe inside
+        # a collective or a logging call), so the work happens at the next step boundary.
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def signalled(self) -> bool:
+        return bool(self.signal_name)
 
     def requested(self, step: int) -> bool:
         """Collective (every rank calls it with the same step): True on all ranks or none."""
         if step % self.every:
             return False
-        local = self._signalled or self.file.exists()
+        local = self.signalled or self.file.exists()
         flag = torch.tensor(float(local), device=self.backend.device)
         agreed = self.backend.all_reduce_max(flag).item() > 0
+        if local:
+            why = f"received {self.signal_name}" if self.signalled else f"found {self.file}"
+            log.warning("Rank %d %s: checkpointing at step %d, then exiting for a requeue.", self.backend.rank, why, step)
         if agreed and self.backend.is_main:
-            # Consumed: a requeued job must not see it again and stop immediately.
-            self.file.unlink(missing_ok=True)
+            why = self.signal_name or ("PREEMPT file" if local else "another rank")
+            try:
+                self.file.write_text(f"preempted at step {step} ({why})\n")
+            except OSError as e:  # the checkpoint matters more than the marker
+                log.warning("Could not write %s: %s", self.file, e)
         return agreed
 
-
+    def close(self) -> None:
+        """Put the previous signal handlers back (a second trainer in the same process, tests)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,11 +1,14 @@
 """Run tracking from the main process: `metrics.jsonl` in the run folder, and W&B.
 
 `metrics.jsonl` mirrors every scalar row, so nothing depends on the W&B server (`distgan report`
-draws its curves from it). W&B goes through Accelerate's `WandBTracker`, created here rather
-than by `Accelerator(log_with=...)`: the trainer never sees an Accelerator (the DeepSpeed backend
-has none) and the tracker exists on the main process only, so every backend logs the same way.
-The underlying `wandb.Run` (`tracker.tracker`) is still needed for what Accelerate does not wrap:
-`define_metric` (our own step axis) and the summary.
+draws its curves from it).
+
+W&B is driven with `wandb` directly, not through Accelerate's `WandBTracker`: that tracker's
+start/log/finish write through `accelerate.logging`, which raises unless Accelerate's global
+`PartialState` exists. The trainer is backend-agnostic (the DeepSpeed backend has no
+Accelerator), and creating a PartialState from the main process alone may initialize a process
+group from one rank. The tracker would also add nothing but a `wandb.init(project=...)` call:
+`define_metric` and the summary need the `wandb.Run` anyway. `wandb` is imported only when on.
 
 Step axis: every row carries `train/step` (distgan's generator step) and all metrics are plotted
 against it (`define_metric("*", step_metric="train/step")`). W&B's own `_step` is left to count
@@ -95,7 +98,7 @@ class Tracker:
         self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main
         self.run_id = run_id
         self.mode = "off"
-        self._wandb = None  # accelerate.tracking.WandBTracker, main process only
+        self._wandb = None  # the wandb.Run, main process only
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a") if is_main else None
@@ -106,30 +109,31 @@ class Tracker:
 
     # ------------------------------------------------------------------ W&B
     def _start_wandb(self, hint: str) -> None:
-        from accelerate.tracking import WandBTracker  # imports wandb only on start()
+        import wandb  # 1-2 s: only when W&B is on
 
         lg = self.cfg.logging
         self.run_id = self.run_id or new_run_id()
+        # resume="allow" + a fixed id: a requeued job appends to the same run (online; offline
+        # runs write a new folder with the same id, which `wandb sync` merges).
         kwargs: dict[str, Any] = dict(
-            id=self.run_id, resume="allow", name=self.cfg.train.name, dir=str(self.run_dir),
+            project=lg.project, id=self.run_id, resume="allow", name=self.cfg.train.name, dir=str(self.run_dir),
             entity=lg.entity or None, group=lg.group or None, tags=list(lg.tags) or None,
-            config=self.cfg.to_dict(), mode=self.mode, settings={"console": "off"},
+            config=self.cfg.to_dict(), mode=self.mode,
+            # No stdout/stderr capture: tqdm and the rank logs stay untouched.
+            settings=wandb.Settings(console="off"),
         )
         try:
-            tracker = WandBTracker(lg.project, **kwargs)
-            tracker.start()
+            run = wandb.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - a W&B outage must not kill a training job
             if self.mode != "online":
                 raise
             log.warning("W&B online init failed (%s); logging offline instead.", e)
             self.mode = kwargs["mode"] = "offline"
-            tracker = WandBTracker(lg.project, **kwargs)
-            tracker.start()
-        run = tracker.tracker
+            run = wandb.init(**kwargs)
         # Our step axis, so a requeued run continues on an increasing x axis (see module doc).
         run.define_metric(STEP_KEY)
         run.define_metric("*", step_metric=STEP_KEY)
-        self._wandb = tracker
+        self._wandb = run
         if hint:
             log.info(hint.format(dir=self.run_dir))
         log.info("W&B run %s (%s) in %s", self.run_id, self.mode, self.run_dir / "wandb")
@@ -157,7 +161,7 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         """Facts that are not curves (e.g. the best FID and where it was)."""
         if self._wandb is not None:
-            self._wandb.tracker.summary.update(values)
+            self._wandb.summary.update(values)
 
     def finish(self) -> None:
         if self._jsonl is not None:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from distgan.backends import Backend
-from distgan.checkpoint import Checkpointer, CheckpointError, TrainState
-from distgan.config import Config, ConfigError, frozen_keys
+from distgan.checkpoint import (Checkpointer, TrainState, check_resume_compatible, read_config, resolve_checkpoint,
+                                set_rng_state)
+from distgan.config import Config
 from distgan.preemption import PreemptionWatch
 from distgan.gan.ema import ema_beta, make_ema, update_ema
 from distgan.gan.losses import lazy_reg_adam_params
@@ -83,6 +84,7 @@ class Trainer:
         self.state = TrainState(extra={"class_names": list(stream.info.class_names)})
         self.meter = StatMeter()
         self.preempt = PreemptionWatch(self.run_dir, backend, every=cfg.train.signal_check_every)
+        self._resume_rng = None  # this rank's RNG state from the checkpoint, applied when fit() starts
         self._first_bad = torch.full((), -1, dtype=torch.long, device=backend.device)
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
@@ -92,20 +94,24 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def restore(self) -> Path | None:
         """Apply `train.resume`: auto (latest valid in the run folder), none, or a path."""
-        mode = self.cfg.train.resume
+        mode, ckpt = self.cfg.train.resume, self.checkpointer
         if mode == "none":
+            ckpt.refuse_existing()  # never train from scratch on top of another run's checkpoints
             return None
-        path = self.checkpointer.find_valid() if mode == "auto" else Path(mode)
+        path = ckpt.find_valid() if mode == "auto" else resolve_checkpoint(mode)
         if path is None:
             return None
-        if mode != "auto" and not (path / "state.json").is_file():
-            raise CheckpointError(f"train.resume={mode}: {path} is not a distgan checkpoint (no state.json).")
-        state, saved_cfg, data_state = self.checkpointer.load(path, self.G_ema)
-        check_resume_compatible(saved_cfg, self.cfg.to_dict())
-        self.state = state
-        if data_state:
-            self.stream.load_state_dict(data_state)
-        log.info("Resumed from %s at step %d (%.1f kimg)", path, state.step, state.nimg / 1000)
+        saved_cfg = read_config(path)
+        check_resume_compatible(saved_cfg, self.cfg.to_dict())  # before loading: a config error, not a shape error
+        restored = ckpt.load(path, self.G_ema)
+        if mode != "auto":
+            ckpt.supersede_after(restored.state.step, keep=path)
+        self.state, self._resume_rng = restored.state, restored.rng
+        if restored.data_state and saved_cfg.get("data", {}).get("source") == self.cfg.data.source:
+            self.stream.load_state_dict(restored.data_state)
+        elif restored.data_state:
+            log.warning("data.source changed since the checkpoint: the data stream starts from its beginning.")
+        log.info("Resumed from %s at step %d (%.1f kimg)", path, self.state.step, self.state.nimg / 1000)
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -114,6 +120,13 @@ class Trainer:
         self.tracker = self._tracker_cls(cfg, self.run_dir, b.is_main, run_id=st.wandb_id)
         st.wandb_id = self.tracker.run_id
         data = iter(self.stream)
+        if self._resume_rng is not None:
+            # Applied here, after the setup above, so the next step draws exactly the random
+            # numbers it would have drawn in an uninterrupted run.
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        if b.is_main:
+            (self.run_dir / "DONE").unlink(missing_ok=True)  # a resumed run with more steps is not done yet
         bar = _progress(cfg, b.is_main, st.step)
         last_time, last_nimg, last_step = time.perf_counter(), st.nimg, st.step
         status = "done"
@@ -140,6 +153,7 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.finish()
+            self.preempt.close()
         if status == "done" and b.is_main:
             (self.run_dir / "DONE").write_text(f"{st.step}\n")
         return status
@@ -163,7 +177,11 @@ class Trainer:
         update_ema(self.G_ema, self.backend.module("G"), beta)
 
     def _next_batch(self, data):
-        images, labels = next(data)
+        # The data loader draws its worker seed from the global torch RNG when its iterator
+        # starts (first batch, epoch ends): keep that out of the training RNG stream, or a
+        # resumed run (whose loader starts mid-run) would draw different latents.
+        with torch.random.fork_rng(devices=[]):
+            images, labels = next(data)
         device = self.backend.device
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
         return images.to(device, non_blocking=True), labels
@@ -237,19 +255,6 @@ class Trainer:
     def save(self) -> Path:
         data_state = self.stream.state_dict()
         return self.checkpointer.save(self.state, self.G_ema, self.cfg.to_dict(), data_state)
-
-
-def check_resume_compatible(saved: dict, current: dict) -> None:
-    """Run-length and logging keys may change on resume; network/optimizer keys may not."""
-    changed = []
-    for key in frozen_keys():
-        section, name = key.split(".")
-        old, new = saved.get(section, {}).get(name), current[section][name]
-        if old is not None and old != new:
-            changed.append(f"{key}: checkpoint has {old!r}, config has {new!r}")
-    if changed:
-        raise ConfigError("Cannot resume with a config that changes the networks or optimizers:\n  " + "\n  ".join(changed)
-                          + "\nStart a new run (train.run_dir=...) or set train.resume=none.")
 
 
 def _progress(cfg: Config, is_main: bool, initial: int):

@@ -40,19 +40,35 @@
 set -euo pipefail
 
 # Catch the preemption notice from the first line on (bash's default action for USR1 is to die).
-PREEMPTED=0
-SRUN_PID=
-RUN_DIR_ABS=
+PREEMPTED=0 TERMINATED=0 GRACE_EXPIRED=0
+SRUN_PID= GRACE_PID= RUN_DIR_ABS=
+PREEMPT_GRACE=${PREEMPT_GRACE:-100}
 on_usr1() {
   PREEMPTED=1
   echo "[train.sh $(date '+%F %T')] SIGUSR1 received: asking the training to checkpoint and stop" \
        "(creating ${RUN_DIR_ABS:-<run dir not set yet>}/PREEMPT)"
   if [ -n "$RUN_DIR_ABS" ]; then touch "$RUN_DIR_ABS/PREEMPT" || true; fi
-  # Also forward it to srun, which passes it on to the task on every node. The tasks ignore
-  # USR1 (see below) unless the trainer installs a handler, so this is only a fast-path hint.
-  if [ -n "$SRUN_PID" ]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi
+  if [ -n "$SRUN_PID" ]; then
+    # Also forward it to srun, which passes it on to the task on every node. The tasks ignore
+    # USR1 (see TASK below) unless the trainer installs a handler: only a fast-path hint.
+    kill -USR1 "$SRUN_PID" 2>/dev/null || true
+    # If the training does not stop in time, requeue anyway (resumes from its last checkpoint)
+    # rather than being killed at the time limit, which would end the job for good.
+    if [ -z "$GRACE_PID" ] && [ "$PREEMPT_GRACE" -gt 0 ]; then
+      ( sleep "$PREEMPT_GRACE"; kill -USR2 $$ 2>/dev/null ) &
+      GRACE_PID=$!
+    fi
+  fi
+}
+on_usr2() { GRACE_EXPIRED=1; }
+on_term() {  # scancel, or slurm's own preemption (it requeues by itself): no self-requeue
+  TERMINATED=1
+  echo "[train.sh $(date '+%F %T')] SIGTERM received (job cancelled or preempted by slurm)"
+  if [ -n "$RUN_DIR_ABS" ]; then touch "$RUN_DIR_ABS/PREEMPT" || true; fi
 }
 trap on_usr1 USR1
+trap on_usr2 USR2
+trap on_term TERM
 
 log() { echo "[train.sh $(date '+%F %T')] $*"; }
 die() { echo "[train.sh $(date '+%F %T')] ERROR: $*" >&2; exit 2; }
@@ -87,7 +103,6 @@ if [ "$RESTARTS" -gt 0 ] && [ -e "$RUN_DIR/DONE" ]; then
 fi
 rm -f "$RUN_DIR/PREEMPT" "$RUN_DIR/DONE"   # stale markers of an earlier run
 RUN_DIR_ABS=$RUN_DIR
-if [ "$PREEMPTED" -eq 1 ]; then touch "$RUN_DIR/PREEMPT"; fi   # notice came during startup
 
 TRAIN_SCRIPT=${DISTGAN_TRAIN_SCRIPT:-distgan/train.py}
 case $TRAIN_SCRIPT in /*) ;; *) TRAIN_SCRIPT=$SUBMIT_DIR/$TRAIN_SCRIPT ;; esac
@@ -134,24 +149,36 @@ SRUN=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-ba
 # Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: pass it, or the task gets 1 CPU.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 
+requeue() {
+  log "requeueing job $SLURM_JOB_ID (next restart $((RESTARTS + 1))): $*"
+  if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+  log "ERROR: 'scontrol requeue $SLURM_JOB_ID' failed (submitted with --no-requeue?); resubmit to resume" >&2
+  exit 17
+}
+
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart count $RESTARTS"
 log "nodes $NNODES [$SLURM_JOB_NODELIST], head $HEAD_NODE at $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"
 log "world size $WORLD_SIZE = $NNODES node(s) x $NPROC_PER_NODE process(es), $DEVICE, mixed precision $MIXED_PRECISION"
 log "run dir $RUN_DIR"
+if [ "$PREEMPTED" -eq 1 ]; then requeue "preemption notice arrived before the launch"; fi
 log "launch: ${SRUN[*]} bash -c '$TASK'"
 
-# --- run: srun in the background, so that the USR1 trap runs while we wait ------------------------
+# --- run: srun in the background, so that the traps run while we wait -----------------------------
 "${SRUN[@]}" bash -c "$TASK" &
 SRUN_PID=$!
-if [ "$PREEMPTED" -eq 1 ]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi
 rc=0
 while :; do
   rc=0
   wait "$SRUN_PID" || rc=$?
+  if [ "$GRACE_EXPIRED" -eq 1 ] && kill -0 "$SRUN_PID" 2>/dev/null; then
+    requeue "the training did not stop within PREEMPT_GRACE=${PREEMPT_GRACE}s of the notice" \
+            "(it resumes from its last checkpoint)"
+  fi
   # A trapped signal makes `wait` return early (status > 128) while srun still runs: wait again.
   if kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
   break
 done
+if [ -n "$GRACE_PID" ]; then kill "$GRACE_PID" 2>/dev/null || true; fi
 log "training step exited with status $rc"
 
 if [ -e "$RUN_DIR/DONE" ]; then
@@ -159,14 +186,17 @@ if [ -e "$RUN_DIR/DONE" ]; then
   log "run complete ($RUN_DIR/DONE)"
   exit 0
 fi
-# accelerate/torchrun turn the trainer's exit 17 into 1, so the PREEMPT file counts as well.
+if [ "$TERMINATED" -eq 1 ]; then
+  log "stopped by SIGTERM before the run was complete; not requeueing here"
+  exit 143
+fi
+# accelerate and torchrun report the trainer's exit 17 as 1: the PREEMPT file counts as well
+# (and lets anyone ask a running job to checkpoint and requeue: touch \$RUN_DIR/PREEMPT).
 if [ "$rc" -eq 17 ] || [ "$PREEMPTED" -eq 1 ] || [ -e "$RUN_DIR/PREEMPT" ]; then
-  log "checkpointed for preemption (status $rc): requeueing job $SLURM_JOB_ID (next restart $((RESTARTS + 1)))"
-  if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
-  log "ERROR: 'scontrol requeue $SLURM_JOB_ID' failed (submitted with --no-requeue?); resubmit to resume" >&2
-  exit 17
+  requeue "the training stopped for preemption (step status $rc)"
 fi
 if [ "$rc" -eq 0 ]; then
   log "WARNING: training exited 0 but wrote no $RUN_DIR/DONE marker"
 fi
+log "training failed (status $rc): not requeueing"
 exit "$rc"

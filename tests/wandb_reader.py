@@ -92,9 +92,26 @@ class WandbRun:
     def rows_with(self, key: str) -> list[dict[str, Any]]:
         return [row for row in self.history if key in row]
 
+    def images(self, key: str) -> list[dict[str, Any]]:
+        """The image values logged under `key` ({"_type": "image-file", "path": ..., ...})."""
+        return [row[key] for row in self.history if isinstance(row.get(key), dict) and row[key].get("_type") == "image-file"]
+
 
 def _key(item) -> str:
     return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def _items_to_dict(items) -> dict[str, Any]:
+    """History/summary items -> one dict. Media values arrive split into nested keys
+    (["samples/ema", "_type"] -> "image-file"); they are put back together as dicts."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path = list(item.nested_key) or [item.key]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(item.value_json)
+    return out
 
 
 def _merge_config(config: dict, items) -> None:
@@ -122,10 +139,9 @@ def read_run(path: str | Path) -> WandbRun:
         elif kind == "config":
             _merge_config(run.config, rec.config.update)
         elif kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
+            run.history.append(_items_to_dict(rec.history.item))
         elif kind == "summary":
-            for i in rec.summary.update:
-                run.summary[_key(i)] = json.loads(i.value_json)
+            run.summary.update(_items_to_dict(rec.summary.update))
         elif kind == "metric":
             m = rec.metric
             run.metrics.append({"name": m.name, "glob_name": m.glob_name, "step_metric": m.step_metric})

@@ -121,6 +121,8 @@ def decode_sample(sample: dict[str, Any], resolution: int, channels: int) -> tup
         raise SampleError(shard, key, f"no image field (fields: {', '.join(fields) or 'none'})")
     try:
         img = to_channels(open_image(sample[ext]), channels)
+    except Image.UnidentifiedImageError:
+        raise SampleError(shard, key, f"cannot decode .{ext}: not an image PIL can read") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError(shard, key, f"cannot decode .{ext}: {type(e).__name__}: {e}") from None
     resized = img.size != (resolution, resolution)

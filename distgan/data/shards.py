@@ -171,6 +171,8 @@ def _convert(item: tuple[str, Any, int], resolution: int, channels: int, crop: s
         else:
             img.save(buf, "WEBP", quality=95)
         return name, label, buf.getvalue(), ""
+    except Image.UnidentifiedImageError:
+        return name, label, None, "not an image in a format PIL reads"
     except Exception as e:
         return name, label, None, f"{type(e).__name__}: {e}"
 

@@ -148,7 +148,8 @@ def _fake_features(generate: Callable, indices: range, z_dim: int, num_classes: 
 def _cache_path(cache_dir: str, real_id: str, resolution: int, extractor: nn.Module, n: int) -> Path:
     key = json.dumps({"real_id": real_id, "resolution": resolution, "extractor": extractor.name,
                       "weights": extractor.tag, "n": n}, sort_keys=True)
-    return Path(cache_dir).expanduser() / f"real-{extractor.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache_dir).expanduser() / f"real-{extractor.name}-{digest}.safetensors"
 
 
 def _save_atomic(path: Path, feats: torch.Tensor, meta: dict[str, str]) -> None:
@@ -239,8 +240,12 @@ def evaluate(
                 resolution = int((first[0] if isinstance(first, (tuple, list)) else first).shape[-1])
         path = _cache_path(cache_dir, real_id, resolution or 0, ext, n)
     if path is not None and _all_reduce(int(path.is_file()), world_size, device, dist.ReduceOp.MIN):
-        real = load_file(str(path), device=str(device))["features"]
-        if len(real) != n:  # a foreign or damaged file under our name: recompute
+        try:
+            real = load_file(str(path), device=str(device))["features"]
+            good = tuple(real.shape) == (n, ext.num_features)
+        except Exception:  # damaged (e.g. a crash mid-copy on another node): recompute, overwrite
+            good = False
+        if not _all_reduce(int(good), world_size, device, dist.ReduceOp.MIN):
             real = None
     if real is None:
         local = _real_features(real_batches, len(indices), ext, batch_size, device)

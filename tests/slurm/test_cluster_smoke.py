@@ -87,7 +87,8 @@ overrides = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith(
 run_dir = overrides["train.run_dir"]
 state = Accelerator()  # reads ACCELERATE_USE_CPU (a bare PartialState() would not: world size 1)
 t = torch.tensor([float(state.process_index + 1)])
-dist.all_reduce(t)
+if dist.is_initialized():
+    dist.all_reduce(t)
 info = {
     "rank": state.process_index, "world_size": state.num_processes,
     "local_rank": state.local_process_index, "backend": dist.get_backend(),
@@ -223,3 +224,66 @@ def test_train_sh_preemption_requeues_and_resumes_standin(slurm_cluster, tmp_pat
     assert {p.name for p in run_dir.glob("usr1-*")} == {"usr1-rank0-restart0", "usr1-rank1-restart0"}
     assert "restart count 0" in logs and "restart count 1" in logs
     assert "requeueing job" in logs and "run complete" in logs
+
+
+STANDIN_STUCK = r"""
+import os, sys, time
+from pathlib import Path
+overrides = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run = Path(overrides["train.run_dir"])
+restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+(run / f"started-restart{restarts}").touch()
+if restarts == "0":
+    while True:  # never looks at PREEMPT and ignores USR1 (inherited from train.sh's task)
+        time.sleep(0.2)
+(run / "DONE").touch()
+"""
+
+
+def test_train_sh_stuck_training_requeued_after_preempt_grace_standin(slurm_cluster, tmp_path):
+    standin = tmp_path / "standin_stuck.py"
+    standin.write_text(STANDIN_STUCK)
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.sbatch(
+        TRAIN_SH, sbatch_args=("--job-name", "stuck"), cwd=tmp_path,
+        env={**python_env(), "GPUS_PER_NODE": "0", "DISTGAN_TRAIN_SCRIPT": str(standin),
+             "RUN_DIR": str(run_dir), "PREEMPT_GRACE": "2"})
+    wait_for(lambda: (run_dir / "started-restart0").exists(), 60, "first run to start",
+             slurm_cluster, job, tmp_path)
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.requeue_fast(job, restarts=1, timeout=30)
+    state = slurm_cluster.wait_job(job, timeout=60)
+    logs = read_logs(tmp_path)
+    assert state == "COMPLETED", logs
+    assert "did not stop within PREEMPT_GRACE=2s" in logs, logs
+    assert (run_dir / "started-restart1").exists() and (run_dir / "DONE").exists()
+
+
+STANDIN_FAIL = r"""
+import os, sys, time
+from pathlib import Path
+overrides = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+if overrides.get("mode") == "crash":
+    sys.exit(3)
+(Path(overrides["train.run_dir"]) / "running").touch()
+time.sleep(120)
+"""
+
+
+def test_train_sh_crash_and_scancel_are_not_requeued_standin(slurm_cluster, tmp_path):
+    standin = tmp_path / "standin_fail.py"
+    standin.write_text(STANDIN_FAIL)
+    env = {**python_env(), "GPUS_PER_NODE": "0", "DISTGAN_TRAIN_SCRIPT": str(standin)}
+    crash = slurm_cluster.sbatch(TRAIN_SH, "mode=crash", sbatch_args=("--job-name", "crash"),
+                                 cwd=tmp_path, env={**env, "RUN_DIR": str(tmp_path / "crash")})
+    cancel = slurm_cluster.sbatch(TRAIN_SH, "mode=sleep", sbatch_args=("--job-name", "cancel"),
+                                  cwd=tmp_path, env={**env, "RUN_DIR": str(tmp_path / "cancel")})
+    wait_for(lambda: (tmp_path / "cancel" / "running").exists(), 60, "the job to run",
+             slurm_cluster, cancel, tmp_path)
+    slurm_cluster.run("scancel", cancel)
+    assert slurm_cluster.wait_job(crash, timeout=60) == "FAILED", read_logs(tmp_path)
+    assert slurm_cluster.wait_job(cancel, timeout=30) == "CANCELLED", read_logs(tmp_path)
+    assert slurm_cluster.job_info(crash)["Restarts"] == "0"
+    assert slurm_cluster.job_info(cancel)["Restarts"] == "0"
+    logs = read_logs(tmp_path)
+    assert "training failed (status 1): not requeueing" in logs, logs

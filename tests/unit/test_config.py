@@ -114,3 +114,9 @@ def test_shipped_recipes_load():
     assert recipes
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_yaml_words_stay_strings(tmp_path):
+    cfg = load_config(write(tmp_path, "logging:\n  wandb: off\n"), ["train.resume=none", "data.hflip=false"])
+    assert cfg.logging.wandb == "off" and cfg.train.resume == "none" and cfg.data.hflip is False
+    assert load_config(None, ["logging.wandb=off"]).logging.wandb == "off"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distgan.metrics import EvalError, InceptionWeightsNotFound, build_extractor, evaluate, resolve_inception_weights
-from distgan.metrics.extractors import FID_WEIGHTS_NAME, _Conv, fid_helper_weights_path
+from distgan.metrics.extractors import FID_WEIGHTS_NAME, FIDInceptionV3, _Conv, fid_helper_weights_path
 from distgan.metrics.fid import latents
 
 Z = 16
@@ -107,6 +107,15 @@ def test_real_feature_cache_second_call_reads_no_images(tmp_path):
     evaluate(noise, Z, 0, stream(), 64, **{**kw, "real_id": "other"})
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     assert not list(tmp_path.glob("*.tmp*"))
+    # Peeking a list for the resolution must not feed its first batch twice.
+    plain = evaluate(noise, Z, 0, batches(data, 16), 64, extractor="tiny")
+    peeked = evaluate(noise, Z, 0, batches(data, 16), 64, **{**kw, "real_id": "list"})
+    assert peeked == plain
+    # A damaged cache file is recomputed and replaced, not trusted.
+    files[0].write_bytes(b"not a safetensors file")
+    pulled.clear()
+    assert evaluate(noise, Z, 0, stream(), 64, resolution=32, **kw) == first and pulled == [16] * 4
+    assert files[0].stat().st_size > 1000
 
 
 def test_weight_sources_order_and_offline_message(tmp_path, monkeypatch):
@@ -153,8 +162,6 @@ def _pytorch_fid_state_from_torchscript(ts: torch.jit.ScriptModule, target: torc
 def test_pytorch_fid_state_dict_in_hub_cache_matches_torchscript(tmp_path, monkeypatch):
     ts_ext = build_extractor("inception", str(fid_helper_weights_path()))
     assert ts_ext.scripted and ts_ext.resize == "tf1-bilinear-299"
-    from distgan.metrics.extractors import FIDInceptionV3
-
     hub = tmp_path / "hub" / "checkpoints" / FID_WEIGHTS_NAME
     hub.parent.mkdir(parents=True)
     torch.save(_pytorch_fid_state_from_torchscript(ts_ext.net, FIDInceptionV3()), hub)

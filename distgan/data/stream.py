@@ -1,0 +1,452 @@
+"""Training stream: webdataset shards -> batches of float32 NCHW images in [-1, 1] for one rank.
+
+How one epoch is laid out, and why it cannot hang DDP:
+
+- Per-shard sample counts come from ``dataset.json`` (or, without one, from reading the tar
+  headers once). The epoch has ``T = floor(N / (world_size * batch_size))`` batches on EVERY
+  rank (``batches_per_epoch``); the < world*batch leftover samples are dropped.
+- Non-resampled: the shard order is shuffled from (seed, epoch), identically on all ranks, and the
+  concatenated sample sequence is cut into contiguous ranges of exactly ``t_w * batch_size``
+  samples, one per (rank, worker) (``t_w`` = that worker's share of T). A range may start or end
+  inside a shard: that worker reads the shard but decodes only its own samples. So each sample is
+  read by one worker once per epoch, and it works with fewer shards than ranks x workers.
+  This is webdataset's split_by_node/split_by_worker with our own rank/world (never env vars),
+  done at sample rather than shard granularity so that counts come out equal.
+- Resampled: each worker draws shards with replacement from a (seed, epoch, rank, worker) RNG and
+  stops after exactly ``t_w`` batches.
+- A worker whose range loses samples (corrupt image, truncated/missing shard) reads its range
+  again (a new shuffle) to fill its quota, so batch counts stay equal; those few samples repeat.
+  Bad samples are counted; above ``max_skip_fraction`` of the epoch, or when a worker finds no
+  readable sample at all, ``DataError`` is raised (naming the shards) instead of waiting forever.
+- Workers attach (worker, batch index, skip events) to every batch; the main process strips them,
+  logs/counts the skips and yields batches in a fixed order, so the stream is reproducible.
+
+Resume (``state_dict``/``load_state_dict``) stores (epoch, batches consumed in that epoch). The
+shard order, shuffle buffers and flips are pure functions of (seed, epoch, rank, worker, pass), so
+each worker replays its shuffle, drops the already-consumed samples before decoding them, and the
+resumed stream yields bit-for-bit the batches the uninterrupted one would have, whatever the
+shuffle buffer size. Exact as long as seed, world size, workers, batch size, shuffle buffer and
+shards are unchanged (otherwise a warning: same epoch, about the same position) and no sample of
+the consumed part was skipped as bad (each such sample shifts the resumed stream by one sample).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing
+import random
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from distgan.data.decode import SampleError, decode_sample, flip_bit
+from distgan.data.shards import MANIFEST
+
+log = logging.getLogger("distgan.data")
+_PLAN_KEYS = ("seed", "rank", "world_size", "workers", "batch_size", "shuffle_buffer", "resampled", "num_samples")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training: too many bad samples, no data for a rank, no shards."""
+
+
+@dataclass
+class DatasetInfo:
+    num_samples: int
+    resolution: int
+    channels: int
+    class_names: list[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    counts: list[int]
+    class_names: list[str]
+    resolution: int | None = None
+
+
+# ---------------------------------------------------------------------------- finding shards
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Comma list (commas inside {..} belong to brace patterns) -> brace-expanded URLs."""
+    import braceexpand
+
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [u for p in parts if p.strip() for u in braceexpand.braceexpand(p.strip())]
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, from its tar headers (what group_by_keys would yield)."""
+    n, last, stream = 0, None, None
+    try:
+        stream = wds.gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for m in tar:
+                prefix = base_plus_ext(m.name)[0] if m.isreg() else None
+                if prefix is not None and prefix != last and not prefix.startswith("__"):
+                    n, last = n + 1, prefix
+    except Exception as e:
+        log.warning("%s: cannot count its samples (%s: %s); using %d", url, type(e).__name__, e, n)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:
+                pass
+    return n
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shards with `distgan shards`") from None
+
+
+def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) -> ShardSet:
+    """data.source -> URLs with per-shard counts (builtins are materialized into the cache first)."""
+    if source.startswith("builtin:"):
+        from distgan.data.builtin import materialize
+
+        source = str(materialize(source.split(":", 1)[1], resolution, channels, cache_dir))
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        m = _manifest(folder)
+        if m is not None:
+            return ShardSet([str(folder / s["name"]) for s in m["shards"]], [int(s["count"]) for s in m["shards"]],
+                            list(m.get("class_names", [])), m.get("resolution"))
+        urls = sorted(str(p) for p in folder.glob("*.tar"))
+        if not urls:
+            raise DataError(f"{folder}: no {MANIFEST} and no *.tar shards")
+        return ShardSet(urls, [count_samples(u) for u in urls], [])
+    urls = expand_urls(source)
+    if not urls:
+        raise DataError(f"data.source {source!r} names no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    m = _manifest(Path(local[0]).expanduser().parent) if local else None
+    known = {s["name"]: int(s["count"]) for s in m["shards"]} if m else {}
+    counts = [known[Path(u).name] if u in local and Path(u).name in known else count_samples(u) for u in urls]
+    return ShardSet(urls, counts, list(m.get("class_names", [])) if m else [], m.get("resolution") if m else None)
+
+
+# ---------------------------------------------------------------------------- epoch plan
+
+
+def worker_quotas(batches: int, workers: int) -> list[int]:
+    """Split a rank's batches over its workers (the first ones take the remainder)."""
+    workers = max(1, workers)
+    return [batches // workers + (w < batches % workers) for w in range(workers)]
+
+
+def batch_order(quotas: list[int]) -> list[tuple[int, int]]:
+    """(worker, batch index) in the order the stream yields them: round robin, like DataLoader."""
+    return [(w, r) for r in range(max(quotas, default=0)) for w, t in enumerate(quotas) if r < t]
+
+
+def shard_pieces(counts: list[int], seed: int, epoch: int, start: int, length: int) -> list[tuple[int, int, int]]:
+    """(shard, first, end) sample slices covering [start, start+length) of this epoch's shard order."""
+    order = list(range(len(counts)))
+    random.Random(f"{seed}:shards:{epoch}").shuffle(order)  # same on every rank and worker
+    pieces, pos = [], 0
+    for i in order:
+        lo, hi = max(pos, start), min(pos + counts[i], start + length)
+        if lo < hi:
+            pieces.append((i, lo - pos, hi - pos))
+        pos += counts[i]
+    return pieces
+
+
+def _describe(exn: BaseException) -> str:
+    if isinstance(exn, OSError) and exn.strerror:
+        return f"{type(exn).__name__}: {exn.strerror}"
+    return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+
+
+class _Ctx:
+    """Per worker and epoch: skip events not yet shipped with a batch, and the stall guards."""
+
+    def __init__(self, limit: int):
+        self.pending: list[tuple[str, str, str, int]] = []
+        self.read = self.bad_run = 0
+        self.limit, self.tar_error, self.quiet = limit, "", False
+        self.dead: set[int] = set()  # shards that gave nothing: not retried when refilling
+
+    def record(self, shard: str, key: str, reason: str, count: int = 1) -> None:
+        if not self.quiet:  # refill passes re-read known-bad data: count each bad sample once
+            self.pending.append((shard, key, reason, count))
+
+    def tar_handler(self, exn: BaseException) -> bool:
+        self.tar_error = _describe(exn)  # the shortfall record below names the shard and count
+        return True
+
+    def decode_handler(self, exn: BaseException) -> bool:
+        if isinstance(exn, SampleError):
+            self.record(exn.shard, exn.key, exn.reason)
+        else:
+            self.record("?", "?", _describe(exn))
+        self.bad_run += 1
+        if self.bad_run > self.limit:
+            raise DataError(f"{self.bad_run} samples in a row could not be decoded; last: {exn}")
+        return True
+
+
+class _ShardDataset(IterableDataset):
+    """Runs in each DataLoader worker: yields (images, labels, meta) batches of one rank's epoch."""
+
+    def __init__(self, shards: ShardSet, cfg: Any, seed: int, rank: int, world: int, workers: int, batches: int,
+                 shared: Any):
+        self.urls, self.counts = shards.urls, shards.counts
+        self.res, self.ch, self.bs = cfg.resolution, cfg.channels, cfg.batch_size
+        self.hflip, self.buf, self.resampled = cfg.hflip, cfg.shuffle_buffer, cfg.resampled
+        self.seed, self.rank, self.world, self.workers, self.batches = seed, rank, world, workers, batches
+        self.shared = shared  # [epoch, batches already consumed]: read when each epoch starts
+        self.warned = False
+
+    def _read(self, pieces: Iterator[tuple[int, int, int]], ctx: _Ctx) -> Iterator[dict[str, Any]]:
+        for shard, lo, hi in pieces:
+            url, got, ctx.tar_error = self.urls[shard], 0, ""
+            samples = wds.tarfile_samples([{"url": url}], handler=ctx.tar_handler)
+            for i, sample in enumerate(samples):
+                if i >= hi:
+                    break
+                if i >= lo:
+                    got += 1
+                    yield sample
+            samples.close()
+            ctx.read += got
+            if got == 0:
+                ctx.dead.add(shard)
+            if got < hi - lo:
+                why = ctx.tar_error or "shard ends early"
+                ctx.record(url, f"#{lo + got}-{hi - 1}", f"{hi - lo - got} samples unreadable ({why})", hi - lo - got)
+
+    def _shuffle(self, samples: Iterator[dict[str, Any]], tag: str) -> Iterator[dict[str, Any]]:
+        if self.buf <= 1:
+            return samples
+        rng = random.Random(f"{self.seed}:{tag}")
+        return wds.shuffle(self.buf, initial=self.buf, rng=rng)(samples)
+
+    def _samples(self, epoch: int, w: int, quotas: list[int], ctx: _Ctx) -> Iterator[dict[str, Any]]:
+        tag = f"{epoch}:{self.rank}:{w}"
+        if self.resampled:
+            rng = random.Random(f"{self.seed}:resample:{tag}")
+
+            def draws() -> Iterator[tuple[int, int, int]]:
+                empty = 0
+                while True:
+                    before, i = ctx.read, rng.randrange(len(self.urls))
+                    yield i, 0, self.counts[i]
+                    empty = 0 if ctx.read > before else empty + 1
+                    if empty > 2 * len(self.urls) + 8:
+                        raise DataError(f"rank {self.rank}: {empty} shard draws in a row gave no sample "
+                                        f"(last {self.urls[i]}: {ctx.tar_error or 'empty'})")
+
+            yield from self._shuffle(self._read(draws(), ctx), tag)
+            return
+        start = (self.rank * self.batches + sum(quotas[:w])) * self.bs
+        pieces = shard_pieces(self.counts, self.seed, epoch, start, quotas[w] * self.bs)
+        for p in itertools.count():  # pass 0 is the epoch; later passes only refill skipped samples
+            before, ctx.quiet = ctx.read, p > 0
+            live = [piece for piece in pieces if piece[0] not in ctx.dead]
+            yield from self._shuffle(self._read(iter(live), ctx), f"{tag}:{p}")
+            if ctx.read == before:
+                names = sorted({Path(self.urls[s]).name for s, _, _ in pieces})
+                raise DataError(f"rank {self.rank} worker {w}: no readable sample in its shards {names}"
+                                f" ({ctx.tar_error or 'all unreadable'})")
+
+    def _decode(self, epoch: int, ctx: _Ctx):
+        def decode(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+            x, y, resized = decode_sample(sample, self.res, self.ch)
+            if resized and not self.warned:
+                self.warned = True
+                warnings.warn(f"{sample['__url__']}: images are not {self.res}x{self.res}; resizing while "
+                              f"decoding (slower; write shards at the training resolution)")
+            if self.hflip and flip_bit(self.seed, epoch, sample["__url__"], sample["__key__"]):
+                x = x[:, :, ::-1]
+            ctx.bad_run = 0
+            return x, y
+
+        return decode
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        epoch, consumed = int(self.shared[0]), int(self.shared[1])
+        quotas = worker_quotas(self.batches, self.workers)
+        done = sum(1 for v, _ in batch_order(quotas)[:consumed] if v == w)
+        span = sum(self.counts) if self.resampled else quotas[w] * self.bs
+        ctx = _Ctx(limit=span + self.buf + 16)
+        samples = itertools.islice(self._samples(epoch, w, quotas, ctx), done * self.bs, None)  # resume
+        decoded = wds.map(self._decode(epoch, ctx), handler=ctx.decode_handler)(samples)
+        for r in range(done, quotas[w]):
+            batch = list(itertools.islice(decoded, self.bs))
+            if len(batch) < self.bs:  # the sources above are endless: this means a logic error
+                raise DataError(f"rank {self.rank} worker {w}: data ended after {r} of {quotas[w]} batches")
+            x = torch.from_numpy(np.stack([b[0] for b in batch])).float().div_(127.5).sub_(1.0)
+            y = torch.tensor([max(b[1], 0) for b in batch], dtype=torch.int64)
+            meta = {"w": w, "r": r, "events": ctx.pending}
+            ctx.pending = []
+            yield x, y, meta
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+# ---------------------------------------------------------------------------- the stream
+
+
+class ImageStream:
+    """Endless iterator of (images float32 (B,C,R,R) in [-1,1], labels int64 (B,)) for one rank.
+
+    Batches stay on the CPU (pinned when CUDA is available); do not pass this to
+    ``accelerator.prepare``. One iterator at a time; call ``load_state_dict`` before iterating
+    (or between batches: the running iterator then jumps to the loaded position).
+    """
+
+    def __init__(self, cfg: Any, seed: int, rank: int, world_size: int, shards: ShardSet, info: DatasetInfo):
+        self.info = info
+        self.batches_per_epoch = info.num_samples // (world_size * cfg.batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{info.num_samples} samples in {len(shards.urls)} shards ({info.source}) are fewer than "
+                            f"world_size x batch_size = {world_size} x {cfg.batch_size}: rank {rank} would get no batch")
+        self.workers = min(cfg.workers, self.batches_per_epoch)  # a worker without a batch would only idle
+        self._plan = {"seed": seed, "rank": rank, "world_size": world_size, "workers": self.workers,
+                      "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
+                      "resampled": cfg.resampled, "num_samples": info.num_samples}
+        self._max_skip_fraction = cfg.max_skip_fraction
+        self._max_skip = cfg.max_skip_fraction * self.batches_per_epoch * cfg.batch_size
+        self._shared = multiprocessing.Array("q", 2, lock=False)  # inherited by the (persistent) workers
+        dataset = _ShardDataset(shards, cfg, seed, rank, world_size, self.workers, self.batches_per_epoch,
+                                self._shared)
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
+                                  persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
+                                  prefetch_factor=4 if self.workers else None)
+        self._epoch = self._consumed = self._skipped = self._epoch_skipped = self._generation = 0
+        self._bad_shards: Counter[str] = Counter()
+        self.skip_events: list[tuple[str, str, str, int]] = []  # most recent 100 (shard, key, reason, count)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            epoch, start = self._position()
+            if epoch != self._epoch:
+                self._epoch_skipped = 0
+            self._epoch, self._consumed, generation = epoch, start, self._generation
+            self._shared[0], self._shared[1] = epoch, start
+            expected = batch_order(worker_quotas(self.batches_per_epoch, self.workers))[start:]
+            held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            i = 0
+            for x, y, meta in self._loader:
+                self._absorb(meta["events"], epoch)
+                held[(meta["w"], meta["r"])] = (x, y)
+                while i < len(expected) and expected[i] in held:  # fixed order whatever the worker timing
+                    batch = held.pop(expected[i])
+                    i += 1
+                    self._consumed += 1
+                    yield batch
+                    if self._generation != generation:
+                        break
+                if self._generation != generation:
+                    break
+            if self._generation != generation:
+                continue  # load_state_dict was called: restart at the loaded position
+            if i < len(expected):
+                raise DataError(f"rank {self._plan['rank']}: epoch {epoch} ended after {start + i} of "
+                                f"{self.batches_per_epoch} batches")
+            self._epoch, self._consumed, self._epoch_skipped = epoch + 1, 0, 0
+
+    def _absorb(self, events: list[tuple[str, str, str, int]], epoch: int) -> None:
+        for shard, key, reason, count in events:
+            self._skipped += count
+            self._epoch_skipped += count
+            self._bad_shards[shard] += count
+            self.skip_events = (self.skip_events + [(shard, key, reason, count)])[-100:]
+            if len(self._bad_shards) <= 20 or count > 1:
+                log.warning("skipped %d sample(s) of %s at %s: %s", count, shard, key, reason)
+        if self._epoch_skipped > self._max_skip:
+            per_epoch = self.batches_per_epoch * self._plan["batch_size"]
+            shards = ", ".join(f"{s} ({n})" for s, n in self._bad_shards.most_common(10))
+            raise DataError(f"rank {self._plan['rank']}, epoch {epoch}: {self._epoch_skipped} samples skipped, more "
+                            f"than data.max_skip_fraction={self._max_skip_fraction:g} of the {per_epoch} samples "
+                            f"per epoch. Shards with skipped samples: {shards}")
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches consumed in it), a finished epoch counting as the start of the next."""
+        if self._consumed >= self.batches_per_epoch:
+            return self._epoch + 1, 0
+        return self._epoch, self._consumed
+
+    def stats(self) -> dict[str, int]:
+        epoch, batches = self._position()
+        return {"skipped": self._skipped, "epoch": epoch, "batches": batches}
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self._position()
+        return {"epoch": epoch, "batches": batches, "skipped": self._skipped, **self._plan}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        changed = [k for k in _PLAN_KEYS if k in state and state[k] != self._plan[k]]
+        if changed:
+            old = state.get("batch_size", 1) * state.get("world_size", 1)
+            batches = min(batches * old // (self._plan["batch_size"] * self._plan["world_size"]),
+                          self.batches_per_epoch - 1)
+            warnings.warn(f"data stream resumed with different {', '.join(changed)}: same epoch {epoch}, "
+                          f"about the same position (batch {batches}), not the exact same batches")
+        self._epoch, self._consumed, self._epoch_skipped = epoch, batches, 0
+        self._skipped = int(state.get("skipped", 0))
+        self._generation += 1
+
+    def close(self) -> None:
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # persistent workers otherwise live until garbage collection
+        self._loader._iterator = None
+
+    def __enter__(self) -> "ImageStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def build_stream(data_cfg: Any, seed: int, rank: int = 0, world_size: int = 1) -> ImageStream:
+    """The training stream of one rank (see the module docstring for the epoch layout)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    shards = resolve_shards(data_cfg.source, data_cfg.cache_dir, data_cfg.resolution, data_cfg.channels)
+    if shards.resolution and shards.resolution != data_cfg.resolution:
+        warnings.warn(f"{data_cfg.source}: shards are {shards.resolution}px, training at {data_cfg.resolution}px; "
+                      f"images are resized while decoding")
+    info = DatasetInfo(sum(shards.counts), data_cfg.resolution, data_cfg.channels, shards.class_names,
+                       data_cfg.source)
+    return ImageStream(data_cfg, seed, rank, world_size, shards, info)

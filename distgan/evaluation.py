@@ -1,0 +1,248 @@
+"""Evaluation glue between the trainer / CLI and `distgan.metrics`: FID/KID of a generator.
+
+* During training (`eval.every_kimg`): `TrainingEvaluator` scores the EMA generator on every
+  rank (each rank generates and featurizes its share; `metrics.evaluate` is collective) against
+  real images from a separate stream over the training data with hflip off, and says whether
+  the result is the best so far (the trainer then keeps the best checkpoint).
+* `distgan eval --ckpt PATH`: `evaluate_checkpoint` scores a saved generator in one process and
+  returns the scores with the settings that produced them (printed as one JSON line).
+
+Every input problem (missing Inception weights, real data of another resolution than the
+generator, fewer real images than N) is raised as `EvalError` before any image is generated;
+during training, before the first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distgan.config import Config, DataConfig, EvalConfig
+
+# torch, torchmetrics (2-3 s) and the data stream are imported inside the functions: this
+# module also holds the `distgan eval` click command, which `distgan --help` loads.
+
+log = logging.getLogger("distgan")
+
+EVAL_PREFIX = "eval/"
+BEST_KEY = "best_fid"
+"""TrainState.extra key holding the best FID so far (saved with every checkpoint, so a
+requeued run keeps comparing against it)."""
+
+
+# ---------------------------------------------------------------------------- checks and inputs
+
+
+def resolve_weights(extractor: str, weights: str = "") -> str:
+    """The Inception weights file that will be used ("" for `tiny`); EvalError with every
+    source listed when none is available (e.g. offline without the file)."""
+    if extractor == "tiny":
+        return ""
+    from distgan.metrics import resolve_inception_weights
+
+    return str(resolve_inception_weights(weights))
+
+
+def real_data_config(data: DataConfig, batch_size: int, source: str | None = None, **changes: Any) -> DataConfig:
+    """The training data config for real images: same images, no random flips (FID compares
+    the data as it is), the eval batch size, and optionally another source."""
+    return dataclasses.replace(data, hflip=False, batch_size=batch_size, source=source or data.source, **changes)
+
+
+def usable_real(num_samples: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(stream batch size, distinct real images one epoch yields over all ranks).
+
+    The stream drops the leftover below world_size x batch_size, so a batch larger than a rank's
+    share would yield nothing: it is capped at the share."""
+    bs = max(1, min(batch_size, num_samples // max(world_size, 1)))
+    return bs, (num_samples // (world_size * bs)) * bs * world_size
+
+
+def check_enough_real(n: int, available: int, source: str, key: str = "eval.n_samples") -> None:
+    from distgan.metrics import EvalError
+
+    if n < 2:
+        raise EvalError(f"{key}={n}: FID needs at least 2 images")
+    if available < n:
+        raise EvalError(f"{source} yields only {available} distinct real images, fewer than {key}={n}: "
+                        f"lower {key} (to at most {available}) or evaluate against more data.")
+
+
+def real_id(data: DataConfig, seed: int, world_size: int, batch_size: int) -> str:
+    """A stable name of the real-image subset for the real-feature cache: the source (with its
+    manifest's checksum when it has one, so rewritten shards are not mistaken for the old ones)
+    and what picks the subset from it (seed, ranks, batch)."""
+    digest = ""
+    folder = Path(data.source).expanduser()
+    if (folder / "dataset.json").is_file():
+        digest = hashlib.sha256((folder / "dataset.json").read_bytes()).hexdigest()[:16]
+    return f"{data.source}|{digest}|c{data.channels}|seed{seed}|world{world_size}|bs{batch_size}"
+
+
+def _ema_generate(G, batch_size: int):
+    """(z, labels) -> images in [-1, 1], float32, G in eval mode (independent samples)."""
+    from distgan.samples import generate
+
+    return lambda z, c: generate(G, z, c, batch_size=batch_size).float()
+
+
+# ---------------------------------------------------------------------------- during training
+
+
+class TrainingEvaluator:
+    """FID/KID of the EMA generator every `eval.every_kimg`, on all ranks (a collective)."""
+
+    def __init__(self, cfg: Config, backend, num_samples: int, z_dim: int, num_classes: int):
+        self.cfg, self.backend = cfg, backend
+        self.z_dim, self.num_classes = z_dim, num_classes
+        ev: EvalConfig = cfg.eval
+        self.every_nimg = ev.every_kimg * 1000
+        self.batch_size, available = usable_real(num_samples, ev.batch_size, backend.world_size)
+        # Checked now so that a run does not train for hours and then fail at its first evaluation.
+        check_enough_real(ev.n_samples, available, cfg.data.source)
+        self.weights = resolve_weights(ev.extractor, ev.inception_weights)
+        self.data = real_data_config(cfg.data, self.batch_size, workers=min(cfg.data.workers, 1))
+        self.cache_dir = str(Path(cfg.data.cache_dir).expanduser() / "fid-real")
+
+    def due(self, nimg: int, images_per_step: int, final: bool) -> bool:
+        """True when this step crossed a multiple of every_kimg (or is the last step).
+        A pure function of the image counter, so every rank agrees without a collective."""
+        if self.every_nimg <= 0:
+            return False
+        return final or nimg // self.every_nimg > (nimg - images_per_step) // self.every_nimg
+
+    def run(self, G_ema, nimg: int) -> dict[str, Any]:
+        """Scores as a log row (eval/fid, eval/kid, ..., with the settings). Every rank calls it."""
+        from distgan.data import build_stream
+        from distgan.metrics import evaluate
+
+        b, ev = self.backend, self.cfg.eval
+        start = time.perf_counter()
+        # A fresh stream each time: the same real images at every evaluation (and no extra
+        # workers between evaluations). On a cache hit it is never iterated.
+        stream = build_stream(self.data, self.cfg.train.seed, b.rank, b.world_size)
+        try:
+            result = evaluate(
+                _ema_generate(G_ema, self.batch_size), self.z_dim, self.num_classes, stream, ev.n_samples,
+                extractor=ev.extractor, weights=self.weights, batch_size=ev.batch_size, seed=self.cfg.train.seed,
+                device=b.device, cache_dir=self.cache_dir,
+                real_id=real_id(self.data, self.cfg.train.seed, b.world_size, self.batch_size),
+                rank=b.rank, world_size=b.world_size, n_real_available=None, resolution=self.data.resolution)
+        finally:
+            stream.close()
+        row = {f"{EVAL_PREFIX}{k}": v for k, v in result.items()}
+        row.update({"kimg": nimg / 1000, f"{EVAL_PREFIX}seconds": time.perf_counter() - start})
+        log.info("FID %.3f, KID %.5f ± %.5f (%s, %d real / %d fake) at %.1f kimg", result["fid"], result["kid"],
+                 result["kid_std"], result["extractor"], result["n_real"], result["n_fake"], nimg / 1000)
+        return row
+
+    @staticmethod
+    def improved(row: dict[str, Any], extra: dict[str, Any]) -> bool:
+        """Record the FID in `extra` (TrainState.extra) when it beats the best so far."""
+        fid = float(row[f"{EVAL_PREFIX}fid"])
+        best = extra.get(BEST_KEY)
+        if fid == fid and (best is None or fid < best):  # NaN never wins
+            extra[BEST_KEY] = fid
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------- a saved checkpoint
+
+
+def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None = None, extractor: str | None = None,
+                        weights: str | None = None, batch_size: int | None = None, seed: int = 0, raw: bool = False,
+                        device: str | None = None, progress=None) -> dict[str, Any]:
+    """FID/KID of a checkpoint's generator against `data` (default: its training data).
+
+    Returns the scores and the settings (ckpt, step, kimg, data, resolution, n, extractor,
+    weights, resize, seed, generator). `progress(msg)` is told when generation starts.
+    """
+    from distgan.checkpoint import resolve_checkpoint
+    from distgan.data import build_stream
+    from distgan.data.stream import resolve_shards
+    import torch
+
+    from distgan.metrics import EvalError, evaluate
+    from distgan.sampling import load_generator
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_checkpoint(ckpt)
+    meta = json.loads((path / "state.json").read_text())
+    G, cfg, extra = load_generator(path, raw=raw, device=device)
+    ev = cfg.eval
+    n = ev.n_samples if n is None else n
+    extractor = extractor or ev.extractor
+    batch_size = batch_size or ev.batch_size
+    source = data or cfg.data.source
+    res, ch = cfg.data.resolution, cfg.data.channels
+
+    # 1. Weights: the cheapest thing to be missing (offline clusters).
+    weights_path = resolve_weights(extractor, weights if weights is not None else ev.inception_weights)
+    # 2. Real data: same resolution as the generator (the stream would silently resize it).
+    shards = resolve_shards(source, cfg.data.cache_dir, res, ch)
+    if shards.resolution and shards.resolution != res:
+        raise EvalError(f"{path} generates {res}x{res} images but {source} holds {shards.resolution}x"
+                        f"{shards.resolution} images: evaluate against data of the checkpoint's resolution "
+                        f"(e.g. `distgan shards SRC OUT --resolution {res}`).")
+    # 3. Enough distinct real images for N.
+    stream_bs, available = usable_real(sum(shards.counts), batch_size, 1)
+    check_enough_real(n, available, source, key="--n")
+
+    data_cfg = real_data_config(cfg.data, stream_bs, source=source, workers=min(cfg.data.workers, 1))
+    stream = build_stream(data_cfg, seed, 0, 1)
+    if progress:
+        progress(f"evaluating {n} generated vs {n} real images ({extractor}) on {device}")
+    start = time.perf_counter()
+    try:
+        result = evaluate(_ema_generate(G, batch_size), G.z_dim, G.num_classes, stream, n, extractor=extractor,
+                          weights=weights_path, batch_size=batch_size, seed=seed, device=device,
+                          cache_dir=str(Path(cfg.data.cache_dir).expanduser() / "fid-real"),
+                          real_id=real_id(data_cfg, seed, 1, stream_bs), rank=0, world_size=1,
+                          n_real_available=available, resolution=res)
+    finally:
+        stream.close()
+    return {**result, "weights": weights_path, "ckpt": str(path), "step": meta.get("step"),
+            "kimg": meta.get("nimg", 0) / 1000, "data": source, "resolution": res, "n": n, "seed": seed,
+            "generator": "raw" if raw else "ema", "seconds": round(time.perf_counter() - start, 3)}
+
+
+@click.command("eval")
+@click.option("--ckpt", required=True, type=click.Path(exists=True), help="Checkpoint folder or run folder (its latest checkpoint).")
+@click.option("--data", "data", default=None, help="Real images (any data.source); default: the checkpoint's training data.")
+@click.option("--n", "n", type=int, default=None, help="Generated and real images (default: the run's eval.n_samples).")
+@click.option("--extractor", type=click.Choice(["inception", "tiny"]), default=None,
+              help="Feature network (default: the run's eval.extractor); `tiny` is for smoke tests only.")
+@click.option("--weights", default=None, type=click.Path(), help="Inception weights file (TorchScript or pytorch-fid state dict).")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass (default: the run's eval.batch_size).")
+@click.option("--seed", default=0, show_default=True, help="Latent seed of the generated images.")
+@click.option("--raw", is_flag=True, help="Evaluate the raw generator instead of the EMA generator.")
+def eval_command(ckpt: str, data: str | None, n: int | None, extractor: str | None, weights: str | None,
+                 batch_size: int | None, seed: int, raw: bool) -> None:
+    """FID/KID of a checkpoint; prints one JSON line with the scores and their settings.
+
+    \b
+    Examples:
+      distgan eval --ckpt runs/default --n 5000
+      distgan eval --ckpt runs/default/checkpoints/step-000003000 --data data/shards --weights pt_inception.pth
+      distgan eval --ckpt runs/default --n 256 --extractor tiny      # quick smoke check, not a real FID
+    """
+    from distgan.checkpoint import CheckpointError
+    from distgan.data import DataError
+    from distgan.metrics import EvalError
+
+    try:
+        result = evaluate_checkpoint(ckpt, data=data, n=n, extractor=extractor, weights=weights, batch_size=batch_size,
+                                     seed=seed, raw=raw, progress=lambda msg: click.echo(f"distgan eval: {msg}", err=True))
+    except (EvalError, DataError, CheckpointError, ValueError) as e:
+        click.echo(f"distgan: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(result))

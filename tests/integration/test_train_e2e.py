@@ -1,0 +1,107 @@
+"""The real entry points in a subprocess on a tiny config: run folder contents, determinism, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, tiny_overrides
+
+
+def run_train(args: list[str], entry: str = "script", timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "distgan" / "train.py")] if entry == "script" else [sys.executable, "-m", "distgan.cli", "train"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_train_script_writes_a_complete_run_folder(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_shards, run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg_text = (run / "config.yaml").read_text()
+    assert "batch_size: 8" in cfg_text and str(tiny_shards) in cfg_text
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for key in ("Dmain/loss", "Gmain/loss", "Dmain/D_real", "Dmain/D_fake", "G/grad_norm", "D/grad_norm", "img_per_s", "kimg"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["kimg"] == pytest.approx(6 * 2 * 8 / 1000)
+    grid = Image.open(run / "samples" / "ema-000000006.png")
+    assert grid.size[0] > 16 * 8 and grid.mode == "RGB"
+    ckpt = run / "checkpoints" / "step-000000006"
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    weights = load_file(ckpt / "G_ema.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    assert (run / "DONE").exists()
+
+
+def test_same_seed_same_weights_and_other_seed_differs(tiny_shards, tmp_path):
+    def final_weights(name: str, seed: int) -> dict:
+        run = tmp_path / name
+        proc = run_train(tiny_overrides(tiny_shards, run, f"train.seed={seed}", "loss.diffaugment=color,translation,cutout",
+                                        "data.workers=1"), entry="cli")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = run / "checkpoints" / "step-000000006"
+        return {n: load_file(ckpt / f"{n}.safetensors") for n in ("G", "D", "G_ema")}
+
+    a, b, c = final_weights("a", 1), final_weights("b", 1), final_weights("c", 2)
+    for net in a:
+        assert a[net].keys() == b[net].keys()
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), f"{net} differs for the same seed"
+    assert not all(torch.equal(a["G"][k], c["G"][k]) for k in a["G"]), "a different seed gave identical weights"
+
+
+def test_unknown_key_fails_before_work(tmp_path):
+    proc = run_train(["train.step=5", f"train.run_dir={tmp_path / 'r'}"], entry="cli")
+    assert proc.returncode == 2
+    assert "Did you mean 'train.steps'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_prints_config_and_sizes(tiny_shards, tmp_path):
+    proc = run_train(tiny_overrides(tiny_shards, tmp_path / "r") + ["--dry-run"], entry="cli")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resolution: 16" in proc.stdout and "parameters" in proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_conditional_without_labels_is_refused(tmp_path):
+    from tests.conftest import make_image_folder
+    from distgan.data.shards import write_shards
+
+    flat = tmp_path / "flat"
+    make_image_folder(tmp_path / "imgs", n_per_class=8, classes=("only",))
+    write_shards(str(tmp_path / "imgs" / "only"), flat, resolution=16, crop="none", shard_size=8, progress=False)
+    proc = run_train(tiny_overrides(flat, tmp_path / "r", "model.conditional=true"), entry="cli")
+    assert proc.returncode != 0
+    assert "model.conditional=true needs labelled data" in proc.stderr
+
+
+def test_sample_command_grid_and_folder(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(tiny_overrides(tiny_shards, run, "model.conditional=true")).returncode == 0
+    grid = tmp_path / "grid.png"
+    out = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "8", "--out", str(grid)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(grid).size[0] > 16
+    folder = tmp_path / "many"
+    out = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "5", "--class", "1",
+                          "--out", str(folder)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 5 and Image.open(files[0]).size == (16, 16)
+    bad = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "2", "--class", "9",
+                          "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "out of range" in bad.stderr
+
+
+def test_every_command_help_has_an_example():
+    for cmd in ([], ["train"], ["sample"], ["shards"], ["bench"]):
+        out = subprocess.run([sys.executable, "-m", "distgan.cli", *cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "Example" in out.stdout, cmd

@@ -1,0 +1,194 @@
+"""`distgan shards` / write_shards: manifest, bad files, crash safety, archives, fashion-mnist idx files."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from distgan.data.builtin import FASHION_CLASSES, materialize
+from distgan.data.shards import MANIFEST, ShardsError, Source, shards_command, write_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class=12, size=16, seed=0) -> dict[bytes, int]:
+    """Random PNGs in class subfolders; returns {pixel bytes: label}."""
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for label, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / c / f"{i}.png")
+            pixels[a.tobytes()] = label
+    return pixels
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return out
+
+
+def test_cli_folder_manifest_and_bad_files(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    pixels = make_folder(src)
+    (src / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (src / "dog" / "notes.txt").write_text("hello")
+    (src / ".DS_Store").write_bytes(b"\0")  # hidden: ignored silently
+    res = CliRunner().invoke(shards_command, [str(src), str(out), "--resolution", "16", "--crop", "none",
+                                              "--shard-size", "5", "--workers", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "24 samples in 5 shards" in res.output and "2 skipped" in res.output
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["num_samples"] == 24 and [s["count"] for s in m["shards"]] == [5, 5, 5, 5, 4]
+    assert m["class_names"] == ["cat", "dog"] and m["resolution"] == 16 and m["channels"] == 3
+    assert m["resize_filter"] == "lanczos" and m["crop"] == "none" and m["skipped"] == 2
+    assert m["distgan_version"] and m["source"] == str(src)
+    skipped = (out / "skipped.txt").read_text()
+    assert "cat/broken.png" in skipped and "dog/notes.txt" in skipped
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "skipped.txt"] + [f"train-00000{i}.tar" for i in range(5)]
+    seen = {}
+    for s in m["shards"]:
+        data = (out / s["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+        for key, fields in tar_samples(out / s["name"]).items():
+            assert key.isdigit() and len(key) == 8 and set(fields) == {"png", "cls"}
+            seen[np.asarray(Image.open(io.BytesIO(fields["png"]))).tobytes()] = int(fields["cls"])
+    assert seen == pixels  # lossless, labels kept, every image once
+
+
+def test_help_example_refuse_nonempty_and_overwrite(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(shards_command, ["--help"])
+    assert res.exit_code == 0 and "Example" in res.output and "distgan shards" in res.output
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src, per_class=3)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = runner.invoke(shards_command, [str(src), str(out), "--resolution", "8", "--quiet", "--workers", "1"])
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    res = runner.invoke(shards_command, [str(src), str(out), "--resolution", "8", "--quiet", "--overwrite",
+                                         "--workers", "1", "--prefix", "val", "--format", "jpg"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["shards"][0]["name"] == "val-000000.tar" and (out / "keep.txt").exists()
+    fields = tar_samples(out / "val-000000.tar")["00000000"]
+    assert Image.open(io.BytesIO(fields["jpg"])).size == (8, 8)
+
+
+def test_sigkill_leaves_only_complete_shards(tmp_path):
+    """Kill `python -m distgan.data.shards` after its first shard: no partial *.tar, no manifest."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    big = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    Image.fromarray(big).save(src / "a" / "0.png")
+    for i in range(1, 600):  # same bytes, many files: slow enough to be killed mid-run
+        os.link(src / "a" / "0.png", src / "a" / f"{i}.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "distgan.data.shards", str(src), str(out), "--resolution", "32",
+           "--shard-size", "20", "--workers", "1", "--quiet", "--no-shuffle"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not list(out.glob("*.tar")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / MANIFEST).exists(), "the run finished before it could be killed"
+    tars = sorted(out.glob("*.tar"))
+    assert tars and all(len(tar_samples(t)) == 20 for t in tars)  # every *.tar is a whole shard
+    assert all(p.suffix in (".tar", ".tmp") for p in out.iterdir())
+    # A rerun must be told to overwrite; then it completes.
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode != 0
+    done = subprocess.run(cmd + ["--overwrite"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["num_samples"] == 600 and len(m["shards"]) == 30 and not list(out.glob("*.tmp"))
+
+
+def test_source_that_raises_midway(tmp_path):
+    def items():
+        for i in range(150):
+            yield f"img{i}", np.full((4, 4), i, np.uint8), -1
+        raise RuntimeError("disk went away")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk went away"):
+        write_shards(Source("gen", items()), out, resolution=4, channels=1, shard_size=10, progress=False)
+    names = sorted(p.name for p in out.iterdir())  # the shard in progress was removed, no manifest
+    assert names and all(n.endswith(".tar") for n in names)
+    assert all(len(tar_samples(out / n)) == 10 for n in names)
+    with pytest.raises(ShardsError, match="not empty"):
+        write_shards(Source("gen", items()), out, resolution=4, channels=1, progress=False)
+
+
+def test_zip_and_tar_sources_deterministic(tmp_path):
+    src = tmp_path / "src"
+    pixels = make_folder(src / "top", classes=("x", "y", "z"), per_class=4, size=8)
+    zpath, tpath = tmp_path / "imgs.zip", tmp_path / "imgs.tar"
+    with zipfile.ZipFile(zpath, "w") as z, tarfile.open(tpath, "w") as t:
+        for p in sorted(src.rglob("*.png")):
+            z.write(p, p.relative_to(src).as_posix())
+            t.add(p, p.relative_to(src).as_posix())
+        z.writestr("top/x/corrupt.png", b"garbage")
+    manifests = []
+    for source, workers in ((zpath, 1), (tpath, 2), (zpath, 2)):
+        out = tmp_path / f"out-{source.suffix[1:]}-{workers}"
+        manifests.append(write_shards(str(source), out, resolution=8, crop="none", shard_size=5, workers=workers,
+                                      progress=False))
+        assert manifests[-1]["class_names"] == ["x", "y", "z"]  # common top folder stripped
+        got = {}
+        for s in manifests[-1]["shards"]:
+            for f in tar_samples(out / s["name"]).values():
+                got[np.asarray(Image.open(io.BytesIO(f["png"]))).tobytes()] = int(f["cls"])
+        assert got == pixels
+    assert manifests[0]["skipped"] == 1 and manifests[1]["skipped"] == 0
+    # Same source, different worker counts: byte-identical shards.
+    assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[2]["shards"]]
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+def test_fashion_mnist_idx_and_cache(tmp_path, monkeypatch):
+    root = tmp_path / "fm"
+    root.mkdir()
+    monkeypatch.setenv("DISTGAN_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ShardsError, match="dataset-fashion-mnist"):
+        write_shards("builtin:fashion-mnist", tmp_path / "x", progress=False)
+    images = np.random.default_rng(1).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    _write_idx(root / "train-images-idx3-ubyte.gz", images)
+    _write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
+    monkeypatch.setenv("DISTGAN_FASHION_MNIST_DIR", str(root))
+    cache = tmp_path / "cache"
+    (cache / "fashion-mnist-r28-c1-v1.tmp-12345").mkdir(parents=True)  # a killed build's leftovers
+    folder = materialize("fashion-mnist", 28, 1, cache, workers=1, progress=False)
+    m = json.loads((folder / MANIFEST).read_text())
+    assert m["num_samples"] == 30 and m["class_names"] == FASHION_CLASSES and "Zalando" in m["license"]
+    assert sorted(p.name for p in cache.iterdir()) == ["fashion-mnist-r28-c1-v1", "fashion-mnist-r28-c1-v1.lock"]
+    got = {np.asarray(Image.open(io.BytesIO(f["png"]))).tobytes(): int(f["cls"])
+           for s in m["shards"] for f in tar_samples(folder / s["name"]).values()}
+    assert got == {images[i].tobytes(): i % 10 for i in range(30)}
+    before = (folder / MANIFEST).stat().st_mtime_ns
+    assert materialize("fashion-mnist", 28, 1, cache) == folder  # cached, not rebuilt
+    assert (folder / MANIFEST).stat().st_mtime_ns == before
