@@ -112,6 +112,9 @@ class Checkpointer:
         b = self.backend
         info, tensors = rng_state()
         info["data"] = data_state
+        # What this rank holds, so that divergence between ranks can be seen after the fact.
+        info["fingerprint"] = {name: fingerprint(m) for name, m in (("G", b.module("G")), ("D", b.module("D")),
+                                                                      ("G_ema", G_ema))}
         save_file(tensors, str(tmp / f"rank-{b.rank:05d}.safetensors"))
         (tmp / f"rank-{b.rank:05d}.json").write_text(json.dumps(info))
         b.save_optimizers(tmp)  # a collective for sharded optimizers (DeepSpeed engines)
@@ -301,6 +304,16 @@ class Checkpointer:
         state = TrainState(step=meta["step"], d_step=meta["d_step"], nimg=meta["nimg"], wandb_id=meta.get("wandb_id", ""),
                            extra=meta.get("extra", {}))
         return Restored(path, state, meta["config"], data_state, rng)
+
+
+def fingerprint(module: torch.nn.Module) -> list[float]:
+    """[sum, position-weighted sum] of the per-tensor sums of a module's float state: equal
+    weights give equal numbers on every rank (same kernels), different ones almost never do."""
+    sums = [t.detach().float().sum() for t in module.state_dict().values() if t.is_floating_point()]
+    if not sums:
+        return [0.0, 0.0]
+    s = torch.stack(sums).double().cpu()
+    return [s.sum().item(), (s * torch.arange(1, len(s) + 1, dtype=torch.float64)).sum().item()]
 
 
 def _link_or_copy(src: str, dst: str) -> str:

@@ -4,6 +4,7 @@ that says what happened and what is still safe."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -13,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +51,19 @@ def set_rng_state(rng: RngState) -> None:
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without moving the training RNG streams: whatever it draws (a DataLoader
+    starting its workers seeds them from torch's global RNG; an evaluation builds its own data
+    loader) is undone afterwards, so a resumed run, which starts such things at other times than
+    an uninterrupted one, still draws exactly the same numbers for training."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 # ---------------------------------------------------------------------------- files

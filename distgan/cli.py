@@ -20,6 +20,8 @@ def main() -> None:
       distgan train --config configs/resnet-64.yaml train.steps=20000
       distgan shards ~/images data/shards --resolution 64
       distgan sample --ckpt runs/default --n 64 --out grid.png
+      distgan eval --ckpt runs/default --n 5000
+      distgan report runs/default
     """
 
 
@@ -127,8 +129,12 @@ def bench_command(which: str, config: str | None, steps: int, rounds: int, overr
 def _add_optional_commands() -> None:
     """Commands that live next to their library code."""
     from distgan.data.shards import shards_command
+    from distgan.evaluation import eval_command
+    from distgan.report import report_command
 
     main.add_command(shards_command, "shards")
+    main.add_command(eval_command, "eval")
+    main.add_command(report_command, "report")
 
 
 try:

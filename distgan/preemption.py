@@ -17,10 +17,12 @@ trainer writes on completion (slurm/train.sh does), not on 17 surviving the laun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -28,6 +30,27 @@ log = logging.getLogger("distgan")
 
 PREEMPT_FILE = "PREEMPT"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGUSR1/SIGTERM in this thread for the block; processes forked inside inherit the block.
+
+    Wrap whatever may start DataLoader workers. Launchers stop a rank with `killpg` (torchrun,
+    accelerate) and SLURM signals every process of a step, so the workers get the TERM too;
+    torch's worker handler makes them die of it and the rank then crashes ("DataLoader worker is
+    killed by signal") instead of checkpointing. Workers forked with the signals blocked keep
+    them pending and are shut down by their rank as usual. A signal that arrives during the
+    block is delivered to the rank's handler as soon as the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionWatch:

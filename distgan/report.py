@@ -91,6 +91,7 @@ def render(run: str | Path, out: str | Path | None = None) -> Path:
     _finish(ax_d, "D outputs (mean logits) and penalties", "step", d_keys + reg_keys, "no D statistics yet")
 
     fx, fy = series(rows, "eval/fid", x="kimg")
+    kx: list[float] = []
     if fx:
         ax_fid.plot(fx, fy, marker="o", color="tab:red", label="FID")
         best = min(range(len(fy)), key=fy.__getitem__)
@@ -104,6 +105,9 @@ def render(run: str | Path, out: str | Path | None = None) -> Path:
         ax_fid.set_ylabel(f"FID ({extractor})" if extractor else "FID", color="tab:red")
     _finish(ax_fid, "FID / KID of the EMA generator", "kimg", ["FID"] if fx else [],
             "no FID yet (set eval.every_kimg, or run `distgan eval`)")
+    if fx and kx:  # one legend for both y axes
+        handles = ax_fid.get_legend_handles_labels()[0] + ax_kid.get_legend_handles_labels()[0]
+        ax_fid.legend(handles, [h.get_label() for h in handles], loc="best", fontsize="small")
 
     grid = latest_grid(run)
     ax_img.axis("off")

@@ -21,6 +21,17 @@ def fixed_latents(n: int, z_dim: int, num_classes: int, seed: int, device) -> tu
     return z.to(device), (c.to(device) if c is not None else None)
 
 
+def grid_layout(n: int, num_classes: int) -> tuple[int, int]:
+    """(images, images per row) for a grid of about `n` fixed latents.
+
+    Conditional: `n // num_classes` per row and exactly one row per class (so `fixed_latents`
+    gives every row a single class); unconditional, or more classes than images: a square grid."""
+    if num_classes and num_classes <= n:
+        per_row = n // num_classes
+        return per_row * num_classes, per_row
+    return n, max(1, math.ceil(math.sqrt(n)))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW float -> uint8 NHWC."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -44,7 +44,7 @@ def run(cfg: Config, dry_run: bool = False) -> str:
     """Build backend, data, models and trainer from `cfg`; train. Returns "done"/"preempted"/"dry-run"."""
     from distgan.backends import build_backend
     from distgan.data import build_stream
-    from distgan.distributed import check_world_size
+    from distgan.distributed import check_world_size, fail_fast
     from distgan.models import build_models
     from distgan.trainer import Trainer
 
@@ -58,29 +58,31 @@ def run(cfg: Config, dry_run: bool = False) -> str:
         return "dry-run"
 
     backend = build_backend(cfg)
-    _setup_logging(backend.is_main)
-    check_world_size(cfg.dist.expect_world_size, backend.world_size)
-    run_dir = cfg.run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if backend.is_main:
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    except OSError as e:
-        raise SystemExit(f"distgan: error: cannot write to the run folder {run_dir}: {e.strerror or e}") from None
-    # Identical initial weights on every rank; then a different stream of latents per rank.
-    seed_everything(cfg.train.seed)
-    stream = build_stream(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
-    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
-    seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
-    log.info("%s; %d process(es) on %s, mixed precision %s", model_summary(G, D), backend.world_size,
-             backend.device, backend.mixed_precision)
-    trainer = Trainer(cfg, backend, stream, G, D)
-    try:
-        trainer.restore()
-        status = trainer.fit()
-    finally:
-        stream.close()
-    log.info("Finished (%s) at step %d; samples in %s", status, trainer.state.step, run_dir / "samples")
+    # A rank that fails posts its error; the others stop at their next collective and name it.
+    with fail_fast(backend.rank, backend.world_size, cfg.dist.timeout_s):
+        _setup_logging(backend.is_main)
+        check_world_size(cfg.dist.expect_world_size, backend.world_size)
+        run_dir = cfg.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if backend.is_main:
+                (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        except OSError as e:
+            raise SystemExit(f"distgan: error: cannot write to the run folder {run_dir}: {e.strerror or e}") from None
+        # Identical initial weights on every rank; then a different stream of latents per rank.
+        seed_everything(cfg.train.seed)
+        stream = build_stream(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
+        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+        seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
+        log.info("%s; %d process(es) on %s, mixed precision %s", model_summary(G, D), backend.world_size,
+                 backend.device, backend.mixed_precision)
+        trainer = Trainer(cfg, backend, stream, G, D)
+        try:
+            trainer.restore()
+            status = trainer.fit()
+        finally:
+            stream.close()
+        log.info("Finished (%s) at step %d; samples in %s", status, trainer.state.step, run_dir / "samples")
     backend.close()
     return status
 

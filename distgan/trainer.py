@@ -22,13 +22,14 @@ import torch
 from distgan.backends import Backend
 from distgan.checkpoint import (Checkpointer, TrainState, check_resume_compatible, read_config, resolve_checkpoint,
                                 set_rng_state)
+from distgan.checkpoint_io import isolated_rng
 from distgan.config import Config
-from distgan.preemption import PreemptionWatch
+from distgan.preemption import PreemptionWatch, signals_blocked
 from distgan.gan.ema import ema_beta, make_ema, update_ema
 from distgan.gan.losses import lazy_reg_adam_params
 from distgan.gan.objective import GANObjective
 from distgan.gan.phases import Phase, build_phases
-from distgan.samples import fixed_latents, generate, save_grid
+from distgan.samples import fixed_latents, generate, grid_layout, save_grid
 from distgan.tracking import Tracker
 
 log = logging.getLogger("distgan")
@@ -89,7 +90,15 @@ class Trainer:
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
         self.images_per_step = cfg.data.batch_size * cfg.optim.accumulate * backend.world_size
-        self.sample_z, self.sample_c = fixed_latents(64, G.z_dim, self.num_classes, cfg.train.seed, backend.device)
+        n_samples, self.sample_nrow = grid_layout(64, self.num_classes)  # one row per class when conditional
+        self.sample_z, self.sample_c = fixed_latents(n_samples, G.z_dim, self.num_classes, cfg.train.seed, backend.device)
+        self.evaluator = None
+        self._saved_step = -1  # step of this process's last checkpoint (same on every rank)
+        if cfg.eval.every_kimg > 0:
+            from distgan.evaluation import TrainingEvaluator  # imports torchmetrics: only when evaluating
+
+            # Checks weights and real-image count now, not after hours of training.
+            self.evaluator = TrainingEvaluator(cfg, backend, stream.info.num_samples, G.z_dim, self.num_classes)
 
     # ------------------------------------------------------------------ resume
     def restore(self) -> Path | None:
@@ -146,6 +155,10 @@ class Trainer:
                 if st.step % cfg.train.ckpt_every == 0 or st.step == cfg.train.steps or preempted:
                     self.check_finite()
                     self.save()
+                leaving = preempted and st.step < cfg.train.steps  # no time for an evaluation then
+                if self.evaluator and not leaving and self.evaluator.due(st.nimg, self.images_per_step, st.step == cfg.train.steps):
+                    with isolated_rng(), signals_blocked():  # must not change what training draws next
+                        last_time += self.evaluate()  # collective; its time is kept out of img/s
                 if preempted and st.step < cfg.train.steps:
                     status = "preempted"
                     log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
@@ -153,7 +166,10 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.finish()
-            self.preempt.close()
+            if status != "preempted":
+                # After a preemption the handlers stay until exit: the launcher follows a rank's
+                # exit with SIGTERM to the others, which must not kill them while they shut down.
+                self.preempt.close()
         if status == "done" and b.is_main:
             (self.run_dir / "DONE").write_text(f"{st.step}\n")
         return status
@@ -178,9 +194,10 @@ class Trainer:
 
     def _next_batch(self, data):
         # The data loader draws its worker seed from the global torch RNG when its iterator
-        # starts (first batch, epoch ends): keep that out of the training RNG stream, or a
-        # resumed run (whose loader starts mid-run) would draw different latents.
-        with torch.random.fork_rng(devices=[]):
+        # starts: keep that out of the training RNG stream, or a resumed run (whose loader
+        # starts mid-run) would draw different latents than an uninterrupted one. Workers start
+        # with SIGTERM/SIGUSR1 blocked, so a preemption signal reaches only the rank.
+        with isolated_rng(), signals_blocked():
             images, labels = next(data)
         device = self.backend.device
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
@@ -199,7 +216,7 @@ class Trainer:
             bad = ~torch.isfinite(stats["loss"])
             if cfg.train.on_nonfinite == "skip" and b.all_reduce_max(bad.float()).item() > 0:
                 # Every rank skips together (the flag was all-reduced), so weights stay identical.
-                b.optimizer(phase.net).zero_grad(set_to_none=True)
+                b.zero_grad(phase.net)
                 self.meter.add("train", {"nonfinite_skips": torch.ones((), device=b.device)})
                 log.warning("Non-finite %s loss at step %d: update skipped (train.on_nonfinite=skip).", phase.name, self.state.step)
                 return
@@ -237,8 +254,9 @@ class Trainer:
             "lr/D": self.backend.optimizer("D").param_groups[0]["lr"],
             "data/skipped": float(self.stream.stats().get("skipped", 0)),
         })
-        if torch.cuda.is_available():
-            row["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.backend.device.type == "cuda":
+            row["mem/peak_gb"] = torch.cuda.max_memory_allocated(self.backend.device) / 2**30
+            row["mem/reserved_gb"] = torch.cuda.memory_reserved(self.backend.device) / 2**30
         self.tracker.log(st.step, row)
         return row
 
@@ -249,10 +267,29 @@ class Trainer:
         for name, net in (("ema", self.G_ema), ("raw", self.backend.module("G"))):
             with self.backend.autocast():
                 images = generate(net, self.sample_z, self.sample_c)
-            path = save_grid(images, self.run_dir / "samples" / f"{name}-{self.state.step:09d}.png", nrow=8)
-            self.tracker.log_image(self.state.step, f"samples/{name}", path)
+            path = save_grid(images, self.run_dir / "samples" / f"{name}-{self.state.step:09d}.png", nrow=self.sample_nrow)
+            rows = self.state.extra.get("class_names") if self.num_classes else None
+            caption = f"{name} G, step {self.state.step}" + (f"; rows: {', '.join(rows)}" if rows else "")
+            self.tracker.log_image(self.state.step, f"samples/{name}", path, caption=caption)
+
+    def evaluate(self) -> float:
+        """FID/KID of the EMA generator, logged; a new best is kept as `checkpoints/best`.
+        A collective (every rank calls it). Returns the seconds it took."""
+        start, st = time.perf_counter(), self.state
+        row = self.evaluator.run(self.G_ema, st.nimg)
+        self.tracker.log(st.step, row)
+        # The decision uses TrainState.extra (identical on all ranks, restored on resume), so
+        # every rank agrees on whether the collective save below happens.
+        if self.evaluator.improved(row, st.extra):
+            if self._saved_step != st.step:  # save_best keeps an existing checkpoint of this step
+                self.check_finite()
+                self.save()
+            self.checkpointer.save_best(row["eval/fid"], metric="fid", step=st.step)
+            self.tracker.summary({"best/fid": row["eval/fid"], "best/step": st.step, "best/kimg": st.nimg / 1000})
+        return time.perf_counter() - start
 
     def save(self) -> Path:
+        self._saved_step = self.state.step
         data_state = self.stream.state_dict()
         return self.checkpointer.save(self.state, self.G_ema, self.cfg.to_dict(), data_state)
 

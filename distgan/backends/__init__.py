@@ -1,13 +1,71 @@
-"""Backends wrap G, D and both optimizers for one execution setup; see `base.Backend`."""
+"""Backends wrap G, D and both optimizers for one execution setup; see `base.Backend`.
+
+`build_backend` refuses unsupported combinations before any process group or model exists,
+each with a message that says what to use instead.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from distgan.backends.base import Backend
-from distgan.config import Config
+from distgan.config import Config, ConfigError
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_combination(cfg: Config, cuda: bool | None = None) -> None:
+    """Raise ConfigError for a dist/loss combination that cannot work on this machine."""
+    d = cfg.dist
+    cuda = torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU") if cuda is None else cuda
+    precision = d.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    double_backward = cfg.loss.r1_gamma > 0 or cfg.loss.objective == "wgan-gp"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("dist.mixed_precision=fp16 needs a GPU (no fp16 loss scaling on CPU); "
+                          "use dist.mixed_precision=bf16 or no.")
+    if d.backend == "deepspeed":
+        if d.fsdp:
+            raise ConfigError("dist.fsdp=true is an accelerate feature; with dist.backend=deepspeed use ZeRO instead "
+                              "(dist.zero_stage=1 or 2 shards optimizer state and gradients), or drop dist.backend=deepspeed.")
+        if d.zero_stage == 3:
+            raise ConfigError("dist.zero_stage=3 is not supported: the G step runs D outside its engine (frozen), which "
+                              "ZeRO-3's partitioned parameters do not allow. Use dist.zero_stage=2, or FSDP on GPUs "
+                              "(dist.backend=accelerate dist.fsdp=true).")
+        if d.compile:
+            raise ConfigError("dist.compile=true is not supported with dist.backend=deepspeed; use dist.backend=accelerate "
+                              "for torch.compile.")
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            raise ConfigError("accelerate launch was given an FSDP config but dist.backend=deepspeed; use an FSDP "
+                              "config with dist.backend=accelerate dist.fsdp=true, or a DeepSpeed config.")
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        if stage.isdigit() and int(stage) != d.zero_stage:
+            raise ConfigError(f"accelerate launch was given ZeRO stage {stage} but dist.zero_stage={d.zero_stage}; "
+                              f"pass dist.zero_stage={stage} (distgan builds the DeepSpeed engines itself).")
+        return
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("accelerate launch was given a DeepSpeed config but dist.backend=accelerate; add "
+                          "dist.backend=deepspeed dist.zero_stage=N (distgan runs one DeepSpeed engine per network).")
+    if _env_flag("ACCELERATE_USE_FSDP") and not d.fsdp:
+        raise ConfigError("accelerate launch was given an FSDP config; add dist.fsdp=true (or launch without FSDP).")
+    if d.fsdp:
+        if not cuda:
+            raise ConfigError("dist.fsdp=true needs GPUs: accelerate does not shard with FSDP on CPU (it would silently "
+                              "fall back to DDP). On CPU use DDP (dist.fsdp=false) or dist.backend=deepspeed "
+                              "dist.zero_stage=2 to shard optimizer state.")
+        if double_backward:
+            raise ConfigError("FSDP does not support the double backward of R1 / WGAN-GP (loss.r1_gamma>0 or "
+                              "loss.objective=wgan-gp): use DDP (dist.fsdp=false) or dist.backend=deepspeed dist.zero_stage=2.")
+        if d.compile:
+            raise ConfigError("dist.compile=true with dist.fsdp=true is not supported; drop one of them.")
 
 
 def build_backend(cfg: Config) -> Backend:
     """Create the backend named by `dist.backend` (imports heavy packages only when used)."""
+    check_combination(cfg)
     if cfg.dist.backend == "deepspeed":
         from distgan.backends.deepspeed import DeepSpeedBackend
 
@@ -17,4 +75,4 @@ def build_backend(cfg: Config) -> Backend:
     return AccelerateBackend(cfg)
 
 
-__all__ = ["Backend", "build_backend"]
+__all__ = ["Backend", "build_backend", "check_combination"]

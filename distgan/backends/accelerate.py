@@ -1,22 +1,37 @@
-"""Accelerate backend: single device, DDP (CPU gloo or GPU NCCL), mixed precision.
+"""Accelerate backend: single device, DDP (CPU gloo or GPU NCCL), mixed precision, torch.compile.
 
 `prepare(G, D, opt_G, opt_D)` gives each network its own DDP wrapper and one shared GradScaler
 for fp16. Gradient accumulation is done by the trainer with `no_sync` on the micro-steps, so the
 Accelerator runs with gradient_accumulation_steps=1 and every `optimizer.step()` really steps.
+
+Who syncs what:
+* the trained network's main phase goes through its DDP wrapper (bucketed all-reduce that
+  overlaps the backward);
+* the frozen network is always called raw (no DDP forward, no reducer, no sync);
+* a `manual_sync` phase (R1, WGAN-GP: double backward, which DDP's reducer does not support)
+  calls the raw module and `step` averages its gradients with one flat all-reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from typing import Callable
 
 import torch
 from torch import nn
 
-from distgan.backends.base import Backend
-from distgan.config import Config, ConfigError
+from distgan.backends.base import NETS, Backend
+from distgan.config import Config
+from distgan.distributed import WorldSizeError, discover, export_env
+
+log = logging.getLogger("distgan")
+
+
+def _use_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
 class AccelerateBackend(Backend):
@@ -24,13 +39,17 @@ class AccelerateBackend(Backend):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+        info = discover()
+        if info.source in ("slurm", "mpi"):
+            export_env(info)  # srun/mpirun with one task per process: speak torchrun's variables
+        self.cfg = cfg
         precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         self._accelerator = Accelerator(
             mixed_precision=precision,
-            cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available(),
+            cpu=_use_cpu(),
             kwargs_handlers=[
-                # A dead rank makes the others fail at their next collective after this long,
-                # instead of hanging forever (the default is 10-30 minutes).
+                # A dead or hung rank makes the others fail at their next collective after this
+                # long, instead of waiting forever (the default is 10-30 minutes).
                 InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
                 # D is frozen during the G phase, so its wrapper never sees unused parameters.
                 DistributedDataParallelKwargs(find_unused_parameters=False),
@@ -38,11 +57,17 @@ class AccelerateBackend(Backend):
         )
         acc = self._accelerator
         self.rank, self.world_size, self.local_rank = acc.process_index, acc.num_processes, acc.local_process_index
+        if info.world_size > 1 and self.world_size == 1:
+            # e.g. `accelerate launch --multi_gpu` without GPUs and without ACCELERATE_USE_CPU=1:
+            # every process would be "rank 0" and train alone on all the data.
+            raise WorldSizeError(f"the launcher started {info.world_size} processes (WORLD_SIZE) but this one joined no "
+                                 "process group. Without GPUs set ACCELERATE_USE_CPU=1 (see launch/README.md).")
         self.device = acc.device
         self.mixed_precision = str(acc.mixed_precision)
-        if self.mixed_precision == "fp16" and self.device.type == "cpu":
-            raise ConfigError("dist.mixed_precision=fp16 is not supported on CPU; use bf16 or no.")
         self._wrapped: dict[str, nn.Module] = {}
+        self._plain: dict[str, nn.Module] = {}
+        self._compiled: dict[str, Callable] = {}
+        self._compiled_raw: dict[str, Callable] = {}
         self._opts: dict = {}
         self.skipped_steps = 0
 
@@ -51,23 +76,32 @@ class AccelerateBackend(Backend):
         return self._accelerator
 
     def prepare(self, G, D, opt_G, opt_D) -> None:
-        G, D, opt_G, opt_D = self._accelerator.prepare(G, D, opt_G, opt_D)
-        self._wrapped = {"G": G, "D": D}
+        self._plain = {"G": G, "D": D}
+        G_w, D_w, opt_G, opt_D = self._accelerator.prepare(G, D, opt_G, opt_D)
+        self._wrapped = {"G": G_w, "D": D_w}
         self._opts = {"G": opt_G, "D": opt_D}
+        for net in NETS:
+            if self.cfg.dist.compile:
+                # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries) and
+                # the raw module (frozen-network calls) separately; both share the parameters,
+                # and `module()` keeps returning the plain module: no `_orig_mod.` in names.
+                self._compiled[net] = torch.compile(self._wrapped[net])
+                self._compiled_raw[net] = torch.compile(self._plain[net])
+            else:
+                self._compiled[net], self._compiled_raw[net] = self._wrapped[net], self._plain[net]
 
     def module(self, net: str) -> nn.Module:
-        return self._accelerator.unwrap_model(self._wrapped[net])
+        return self._plain[net]
 
     def optimizer(self, net: str) -> torch.optim.Optimizer:
         return self._opts[net].optimizer
 
     def forward_fns(self, trained: str, manual_sync: bool) -> dict[str, Callable]:
-        # The trained network goes through its DDP wrapper unless this phase syncs by hand
-        # (double backward); the frozen one is always called raw so DDP never sees it.
-        fns = {net: self.module(net) for net in ("G", "D")}
-        if not manual_sync:
-            fns[trained] = self._wrapped[trained]
-        return fns
+        other = "D" if trained == "G" else "G"
+        # A double-backward phase uses the eager raw module: neither DDP's reducer nor
+        # torch.compile (AOTAutograd) supports create_graph=True backward.
+        mine = self._plain[trained] if manual_sync else self._compiled[trained]
+        return {trained: mine, other: self._compiled_raw[other]}
 
     def no_sync(self, net: str):
         wrapped = self._wrapped[net]
@@ -81,12 +115,14 @@ class AccelerateBackend(Backend):
 
     def step(self, net: str, clip: float, manual_sync: bool) -> tuple[torch.Tensor, bool]:
         opt = self._opts[net]
-        params = [p for p in self.module(net).parameters() if p.grad is not None]
+        params = [p for p in self._plain[net].parameters() if p.grad is not None]
         if manual_sync:
             self.manual_all_reduce_grads(params)
         scaler = self._accelerator.scaler
         if scaler is not None:
-            # Unscale exactly this optimizer, exactly once, right before its step.
+            # fp16: one GradScaler for both optimizers. Unscale exactly this optimizer, exactly
+            # once, right before its step; AcceleratedOptimizer.step then calls scaler.step
+            # (skips on inf/NaN) and scaler.update, so each phase is its own scaler iteration.
             scaler.unscale_(opt.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
         opt.step()
@@ -95,11 +131,14 @@ class AccelerateBackend(Backend):
         self.skipped_steps += int(skipped)
         return norm.detach(), skipped
 
+    def zero_grad(self, net: str) -> None:
+        self._opts[net].zero_grad(set_to_none=True)
+
     def state_dict_extra(self) -> dict:
         scaler = self._accelerator.scaler
         state = {"skipped_steps": self.skipped_steps}
         if scaler is not None:
-            state["scaler"] = {k: v for k, v in scaler.state_dict().items()}
+            state["scaler"] = dict(scaler.state_dict())
         return state
 
     def load_state_dict_extra(self, state: dict) -> None:

@@ -86,6 +86,10 @@ class Backend(ABC):
         the optimizer skipped the step (fp16 overflow).
         """
 
+    def zero_grad(self, net: str) -> None:
+        """Drop `net`'s accumulated gradients without stepping (a skipped non-finite update)."""
+        self.optimizer(net).zero_grad(set_to_none=True)
+
     # -- collectives (every rank calls them; never wrap them in a rank check)
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -120,10 +124,15 @@ class Backend(ABC):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
-        _unflatten_into(flat, grads)
+        # One flat buffer per dtype: a single all-reduce instead of one per tensor.
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in group])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world_size
+            _unflatten_into(flat, group)
 
     # -- state
     def save_optimizers(self, folder) -> None:

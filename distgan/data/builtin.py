@@ -132,6 +132,11 @@ def open_builtin(name: str) -> Source:
                       ", ".join(f"builtin:{n}" for n in NAMES))
 
 
+def _default_progress() -> bool:
+    # A bar only for a person watching; DISTGAN_NO_PROGRESS=1 silences it like the trainer's.
+    return sys.stderr.isatty() and os.environ.get("DISTGAN_NO_PROGRESS") != "1"
+
+
 def cache_key(name: str, resolution: int, channels: int) -> str:
     return f"{name}-r{resolution}-c{channels}-v{BUILD_VERSION}"
 
@@ -164,7 +169,7 @@ def materialize(name: str, resolution: int, channels: int, cache_dir: str | os.P
             write_shards(f"builtin:{name}", tmp, resolution=resolution, channels=channels, crop="center",
                          resize_filter="lanczos", fmt="png", shard_size=_SHARD_SIZE[name],
                          workers=workers or min(4, os.cpu_count() or 1), shuffle=True, seed=0,
-                         progress=sys.stderr.isatty() if progress is None else progress)
+                         progress=_default_progress() if progress is None else progress)
             os.rename(tmp, final)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -39,6 +39,13 @@ class SampleError(ValueError):
         self.shard, self.key, self.reason = shard, key, reason
 
 
+def describe_error(exn: BaseException) -> str:
+    """Short text for a skip report (OSError's str() would show errno tuples)."""
+    if isinstance(exn, OSError) and exn.strerror:
+        return f"{type(exn).__name__}: {exn.strerror}"
+    return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
     """High bit-depth modes -> 8-bit L, scaled (not clipped)."""
     if img.mode.startswith("I;16") or img.mode == "I":

@@ -16,9 +16,11 @@ and a folder without ``dataset.json`` is an unfinished run. Shards are byte-for-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -287,6 +289,8 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
         if pool is not None:
             pool.terminate()
     (out / SKIPPED).write_text("".join(f"{n}\t{why}\n" for n, why in skipped))
+    if writer.total == 0:  # an empty dataset would only fail later, far from the cause
+        raise ShardsError(f"no usable image in {src.name} ({len(skipped)} files skipped, see {out / SKIPPED})")
     manifest = {
         "format": "distgan-shards", "format_version": FORMAT_VERSION, "num_samples": writer.total,
         "shards": writer.shards, "resolution": resolution, "channels": channels, "image_format": fmt,
@@ -298,6 +302,46 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)  # last: its presence means every listed shard is complete
     return manifest
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Comma list (commas inside {..} belong to brace patterns) -> brace-expanded URLs."""
+    import braceexpand
+
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [u for p in parts if p.strip() for u in braceexpand.braceexpand(p.strip())]
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, from its tar headers (what group_by_keys would yield)."""
+    import webdataset as wds  # only the stream needs webdataset; keep `distgan shards` light
+    from webdataset.tariterators import base_plus_ext
+
+    n, last, stream = 0, None, None
+    try:
+        stream = wds.gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for m in tar:
+                prefix = base_plus_ext(m.name)[0] if m.isreg() else None
+                if prefix is not None and prefix != last and not prefix.startswith("__"):
+                    n, last = n + 1, prefix
+    except Exception as e:
+        logging.getLogger("distgan.data").warning("%s: cannot count its samples (%s); using %d", url, e, n)
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+    return n
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -1,33 +1,31 @@
 """Training stream: webdataset shards -> batches of float32 NCHW images in [-1, 1] for one rank.
 
-How one epoch is laid out, and why it cannot hang DDP:
+Epoch layout, and why it cannot hang DDP:
 
-- Per-shard sample counts come from ``dataset.json`` (or, without one, from reading the tar
-  headers once). The epoch has ``T = floor(N / (world_size * batch_size))`` batches on EVERY
-  rank (``batches_per_epoch``); the < world*batch leftover samples are dropped.
-- Non-resampled: the shard order is shuffled from (seed, epoch), identically on all ranks, and the
-  concatenated sample sequence is cut into contiguous ranges of exactly ``t_w * batch_size``
-  samples, one per (rank, worker) (``t_w`` = that worker's share of T). A range may start or end
-  inside a shard: that worker reads the shard but decodes only its own samples. So each sample is
-  read by one worker once per epoch, and it works with fewer shards than ranks x workers.
-  This is webdataset's split_by_node/split_by_worker with our own rank/world (never env vars),
-  done at sample rather than shard granularity so that counts come out equal.
+- Per-shard sample counts come from ``dataset.json`` (without one: from the tar headers, read
+  once). Every rank gets ``T = floor(N / (world_size * batch_size))`` batches per epoch
+  (``batches_per_epoch``); the < world*batch leftover samples are dropped.
+- Non-resampled: the shard order is shuffled from (seed, epoch), identically on all ranks, and
+  the concatenated samples are cut into contiguous ranges of exactly ``t_w * batch_size`` samples,
+  one per (rank, worker). A range may start or end inside a shard (that worker reads the shard
+  but decodes only its own samples), so each sample is used once per epoch across all ranks, and
+  fewer shards than ranks x workers is fine. This is split_by_node/split_by_worker with our own
+  rank/world (never env vars), at sample granularity so that counts come out equal.
 - Resampled: each worker draws shards with replacement from a (seed, epoch, rank, worker) RNG and
   stops after exactly ``t_w`` batches.
-- A worker whose range loses samples (corrupt image, truncated/missing shard) reads its range
-  again (a new shuffle) to fill its quota, so batch counts stay equal; those few samples repeat.
-  Bad samples are counted; above ``max_skip_fraction`` of the epoch, or when a worker finds no
-  readable sample at all, ``DataError`` is raised (naming the shards) instead of waiting forever.
-- Workers attach (worker, batch index, skip events) to every batch; the main process strips them,
-  logs/counts the skips and yields batches in a fixed order, so the stream is reproducible.
+- A worker whose range loses samples (corrupt image, truncated/missing shard) re-reads its range
+  (reshuffled) to fill its quota, so batch counts stay equal; a few samples then repeat. Skips are
+  counted once; above ``max_skip_fraction`` of the epoch, or when a worker finds no readable
+  sample at all, ``DataError`` is raised naming the shards, instead of waiting forever.
+- Workers tag each batch with (worker, batch index, skip events); the main process strips the
+  tags, logs/counts the skips and yields batches in one fixed order, whatever the timing.
 
-Resume (``state_dict``/``load_state_dict``) stores (epoch, batches consumed in that epoch). The
-shard order, shuffle buffers and flips are pure functions of (seed, epoch, rank, worker, pass), so
-each worker replays its shuffle, drops the already-consumed samples before decoding them, and the
-resumed stream yields bit-for-bit the batches the uninterrupted one would have, whatever the
-shuffle buffer size. Exact as long as seed, world size, workers, batch size, shuffle buffer and
-shards are unchanged (otherwise a warning: same epoch, about the same position) and no sample of
-the consumed part was skipped as bad (each such sample shifts the resumed stream by one sample).
+Resume: ``state_dict`` holds (epoch, batches consumed). Shard order, shuffle buffers and flips are
+pure functions of (seed, epoch, rank, worker, pass), so each worker replays its shuffle and drops
+the consumed samples before decoding them: the resumed stream yields bit-for-bit the batches of
+the uninterrupted one, for any shuffle buffer size. Exact while seed, world size, workers, batch
+size, shuffle buffer and shards are unchanged (else a warning: same epoch, about the same spot)
+and no sample in the consumed part was bad (each one shifts the resumed stream by one sample).
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import json
 import logging
 import multiprocessing
 import random
-import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -48,10 +45,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
-from distgan.data.decode import SampleError, decode_sample, flip_bit
-from distgan.data.shards import MANIFEST
+from distgan.data.decode import SampleError, decode_sample, describe_error, flip_bit
+from distgan.data.shards import MANIFEST, count_samples, expand_urls
 
 log = logging.getLogger("distgan.data")
 _PLAN_KEYS = ("seed", "rank", "world_size", "workers", "batch_size", "shuffle_buffer", "resampled", "num_samples")
@@ -85,43 +81,6 @@ class ShardSet:
 # ---------------------------------------------------------------------------- finding shards
 
 
-def expand_urls(spec: str) -> list[str]:
-    """Comma list (commas inside {..} belong to brace patterns) -> brace-expanded URLs."""
-    import braceexpand
-
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [u for p in parts if p.strip() for u in braceexpand.braceexpand(p.strip())]
-
-
-def count_samples(url: str) -> int:
-    """Samples in one shard, from its tar headers (what group_by_keys would yield)."""
-    n, last, stream = 0, None, None
-    try:
-        stream = wds.gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for m in tar:
-                prefix = base_plus_ext(m.name)[0] if m.isreg() else None
-                if prefix is not None and prefix != last and not prefix.startswith("__"):
-                    n, last = n + 1, prefix
-    except Exception as e:
-        log.warning("%s: cannot count its samples (%s: %s); using %d", url, type(e).__name__, e, n)
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:
-                pass
-    return n
-
-
 def _manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.is_file():
@@ -151,10 +110,10 @@ def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) 
     urls = expand_urls(source)
     if not urls:
         raise DataError(f"data.source {source!r} names no shards")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    m = _manifest(Path(local[0]).expanduser().parent) if local else None
-    known = {s["name"]: int(s["count"]) for s in m["shards"]} if m else {}
-    counts = [known[Path(u).name] if u in local and Path(u).name in known else count_samples(u) for u in urls]
+    local = [Path(u).expanduser() for u in urls if "://" not in u and not u.startswith("pipe:")]
+    m = _manifest(local[0].parent) if local else None  # shards listed one by one may still have one
+    known = {local[0].parent / s["name"]: int(s["count"]) for s in m["shards"]} if m else {}
+    counts = [known[p] if (p := Path(u).expanduser()) in known else count_samples(u) for u in urls]
     return ShardSet(urls, counts, list(m.get("class_names", [])) if m else [], m.get("resolution") if m else None)
 
 
@@ -185,12 +144,6 @@ def shard_pieces(counts: list[int], seed: int, epoch: int, start: int, length: i
     return pieces
 
 
-def _describe(exn: BaseException) -> str:
-    if isinstance(exn, OSError) and exn.strerror:
-        return f"{type(exn).__name__}: {exn.strerror}"
-    return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-
-
 class _Ctx:
     """Per worker and epoch: skip events not yet shipped with a batch, and the stall guards."""
 
@@ -205,14 +158,14 @@ class _Ctx:
             self.pending.append((shard, key, reason, count))
 
     def tar_handler(self, exn: BaseException) -> bool:
-        self.tar_error = _describe(exn)  # the shortfall record below names the shard and count
+        self.tar_error = describe_error(exn)  # the shortfall record below names the shard and count
         return True
 
     def decode_handler(self, exn: BaseException) -> bool:
         if isinstance(exn, SampleError):
             self.record(exn.shard, exn.key, exn.reason)
         else:
-            self.record("?", "?", _describe(exn))
+            self.record("?", "?", describe_error(exn))
         self.bad_run += 1
         if self.bad_run > self.limit:
             raise DataError(f"{self.bad_run} samples in a row could not be decoded; last: {exn}")
@@ -318,10 +271,6 @@ class _ShardDataset(IterableDataset):
             yield x, y, meta
 
 
-def _identity(batch: Any) -> Any:
-    return batch
-
-
 # ---------------------------------------------------------------------------- the stream
 
 
@@ -337,8 +286,9 @@ class ImageStream:
         self.info = info
         self.batches_per_epoch = info.num_samples // (world_size * cfg.batch_size)
         if self.batches_per_epoch == 0:
-            raise DataError(f"{info.num_samples} samples in {len(shards.urls)} shards ({info.source}) are fewer than "
-                            f"world_size x batch_size = {world_size} x {cfg.batch_size}: rank {rank} would get no batch")
+            raise DataError(f"{info.num_samples} samples in {len(shards.urls)} shards ({info.source}) are fewer "
+                            f"than world_size x batch_size = {world_size} x {cfg.batch_size}: rank {rank} would "
+                            f"get no batch")
         self.workers = min(cfg.workers, self.batches_per_epoch)  # a worker without a batch would only idle
         self._plan = {"seed": seed, "rank": rank, "world_size": world_size, "workers": self.workers,
                       "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
@@ -348,10 +298,11 @@ class ImageStream:
         self._shared = multiprocessing.Array("q", 2, lock=False)  # inherited by the (persistent) workers
         dataset = _ShardDataset(shards, cfg, seed, rank, world_size, self.workers, self.batches_per_epoch,
                                 self._shared)
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                   persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
-                                  prefetch_factor=4 if self.workers else None)
-        self._epoch = self._consumed = self._skipped = self._epoch_skipped = self._generation = 0
+                                  prefetch_factor=4 if self.workers else None,
+                                  generator=torch.Generator().manual_seed(seed))  # leave the global RNG alone
+        self._epoch = self._consumed = self._skipped = self._epoch_skipped = self._generation = self._logged = 0
         self._bad_shards: Counter[str] = Counter()
         self.skip_events: list[tuple[str, str, str, int]] = []  # most recent 100 (shard, key, reason, count)
 
@@ -362,27 +313,21 @@ class ImageStream:
                 self._epoch_skipped = 0
             self._epoch, self._consumed, generation = epoch, start, self._generation
             self._shared[0], self._shared[1] = epoch, start
-            expected = batch_order(worker_quotas(self.batches_per_epoch, self.workers))[start:]
-            held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-            i = 0
-            for x, y, meta in self._loader:
+            expected = iter(batch_order(worker_quotas(self.batches_per_epoch, self.workers))[start:])
+            want, held = next(expected, None), {}
+            for x, y, meta in self._loader:  # a new loader pass per epoch: the workers re-read _shared
                 self._absorb(meta["events"], epoch)
                 held[(meta["w"], meta["r"])] = (x, y)
-                while i < len(expected) and expected[i] in held:  # fixed order whatever the worker timing
-                    batch = held.pop(expected[i])
-                    i += 1
+                while want in held and self._generation == generation:  # fixed order, whatever the timing
                     self._consumed += 1
-                    yield batch
-                    if self._generation != generation:
-                        break
+                    yield held.pop(want)
+                    want = next(expected, None)
                 if self._generation != generation:
-                    break
-            if self._generation != generation:
-                continue  # load_state_dict was called: restart at the loaded position
-            if i < len(expected):
-                raise DataError(f"rank {self._plan['rank']}: epoch {epoch} ended after {start + i} of "
-                                f"{self.batches_per_epoch} batches")
-            self._epoch, self._consumed, self._epoch_skipped = epoch + 1, 0, 0
+                    break  # load_state_dict was called: restart at the loaded position
+            else:
+                if want is not None:
+                    raise DataError(f"rank {self._plan['rank']}: epoch {epoch} ended after {self._consumed} of "
+                                    f"{self.batches_per_epoch} batches")
 
     def _absorb(self, events: list[tuple[str, str, str, int]], epoch: int) -> None:
         for shard, key, reason, count in events:
@@ -390,8 +335,10 @@ class ImageStream:
             self._epoch_skipped += count
             self._bad_shards[shard] += count
             self.skip_events = (self.skip_events + [(shard, key, reason, count)])[-100:]
-            if len(self._bad_shards) <= 20 or count > 1:
-                log.warning("skipped %d sample(s) of %s at %s: %s", count, shard, key, reason)
+            self._logged += 1
+            if self._logged <= 50:  # a shard full of bad files must not flood the log
+                log.warning("skipped %d sample(s) of %s at %s: %s%s", count, shard, key, reason,
+                            "; further skips are only counted (stats())" if self._logged == 50 else "")
         if self._epoch_skipped > self._max_skip:
             per_epoch = self.batches_per_epoch * self._plan["batch_size"]
             shards = ", ".join(f"{s} ({n})" for s, n in self._bad_shards.most_common(10))

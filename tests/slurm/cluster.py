@@ -441,13 +441,20 @@ KillWait=3
         final state (COMPLETED, FAILED, CANCELLED, ...). Raises TimeoutError."""
         return self.wait_state(job_id, TERMINAL_STATES, timeout)["JobState"]
 
-    def requeue_fast(self, job_id: str, restarts: int = 1, timeout: float = 60) -> dict[str, str]:
+    def requeue_fast(self, job_id: str, restarts: int = 1, timeout: float = 60,
+                     delay: int = 2) -> dict[str, str]:
         """After the job was requeued (Restarts >= ``restarts``, back to PENDING), make it start
-        now instead of after the credential expiry delay (~cred_expire + 1 s)."""
+        in ``delay`` seconds instead of after the credential expiry (cred_expire=10 -> ~11-25 s).
+
+        ``delay`` must be >= 1: slurmd revokes the job's credential when it kills the first run and
+        compares times in whole seconds, so a restart within the same second fails to launch
+        (the job ends FAILED with RunTime 0). 2 s leaves a margin.
+        """
         info = self.wait_state(job_id, {"PENDING", "RUNNING", *TERMINAL_STATES}, timeout,
                                min_restarts=restarts)
         if info["JobState"] == "PENDING":
-            r = self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            r = self.run("scontrol", "update", f"JobId={job_id}", f"StartTime=now+{delay}",
+                         check=False)
             if r.returncode != 0 and self.job_state(job_id) == "PENDING":
                 raise RuntimeError(f"scontrol update StartTime=now failed: {r.stdout}{r.stderr}")
         return info

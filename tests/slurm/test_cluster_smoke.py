@@ -177,6 +177,10 @@ while step < target:
     flag = torch.tensor([1.0 if (run / "PREEMPT").exists() else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
     if flag.item() > 0:
+        usr1 = run / f"usr1-rank{rank}-restart{restarts}"
+        deadline = time.time() + 10  # give train.sh's forwarded USR1 time to arrive, for the test
+        while not usr1.exists() and time.time() < deadline:
+            time.sleep(0.05)
         if main:
             save(step)
             append("starts.log", f"preempted at {step}")
@@ -254,7 +258,7 @@ def test_train_sh_stuck_training_requeued_after_preempt_grace_standin(slurm_clus
     slurm_cluster.requeue_fast(job, restarts=1, timeout=30)
     state = slurm_cluster.wait_job(job, timeout=60)
     logs = read_logs(tmp_path)
-    assert state == "COMPLETED", logs
+    assert state == "COMPLETED", f"{slurm_cluster.job_info(job)}\n{logs}\n{slurm_cluster.logs(60)}"
     assert "did not stop within PREEMPT_GRACE=2s" in logs, logs
     assert (run_dir / "started-restart1").exists() and (run_dir / "DONE").exists()
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -65,7 +66,8 @@ def test_cli_folder_manifest_and_bad_files(tmp_path):
     assert m["distgan_version"] and m["source"] == str(src)
     skipped = (out / "skipped.txt").read_text()
     assert "cat/broken.png" in skipped and "dog/notes.txt" in skipped
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "skipped.txt"] + [f"train-00000{i}.tar" for i in range(5)]
+    shard_names = [f"train-00000{i}.tar" for i in range(5)]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "skipped.txt"] + shard_names
     seen = {}
     for s in m["shards"]:
         data = (out / s["name"]).read_bytes()
@@ -138,6 +140,10 @@ def test_source_that_raises_midway(tmp_path):
     assert all(len(tar_samples(out / n)) == 10 for n in names)
     with pytest.raises(ShardsError, match="not empty"):
         write_shards(Source("gen", items()), out, resolution=4, channels=1, progress=False)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "a.txt").write_text("no images here")
+    with pytest.raises(ShardsError, match="no usable image"):
+        write_shards(str(tmp_path / "empty"), tmp_path / "out2", progress=False)
 
 
 def test_zip_and_tar_sources_deterministic(tmp_path):
@@ -170,6 +176,11 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
 
 
+def _materialize_fm(cache: str) -> tuple[str, int]:
+    folder = materialize("fashion-mnist", 28, 1, cache, workers=1, progress=False)
+    return str(folder), (folder / MANIFEST).stat().st_ino
+
+
 def test_fashion_mnist_idx_and_cache(tmp_path, monkeypatch):
     root = tmp_path / "fm"
     root.mkdir()
@@ -192,3 +203,9 @@ def test_fashion_mnist_idx_and_cache(tmp_path, monkeypatch):
     before = (folder / MANIFEST).stat().st_mtime_ns
     assert materialize("fashion-mnist", 28, 1, cache) == folder  # cached, not rebuilt
     assert (folder / MANIFEST).stat().st_mtime_ns == before
+    # Concurrent "ranks": one builds under the lock, the other waits and reuses the result.
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_materialize_fm, [str(tmp_path / "cache2")] * 3)
+    final = Path(results[0][0])
+    assert len(set(results)) == 1 and results[0][1] == (final / MANIFEST).stat().st_ino
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name, final.name + ".lock"]

