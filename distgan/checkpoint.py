@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import time
@@ -115,6 +116,7 @@ class Checkpointer:
         # What this rank holds, so that divergence between ranks can be seen after the fact.
         info["fingerprint"] = {name: fingerprint(m) for name, m in (("G", b.module("G")), ("D", b.module("D")),
                                                                       ("G_ema", G_ema))}
+        info["host"] = {"hostname": platform.node(), "slurm_node": os.environ.get("SLURMD_NODENAME", "")}
         save_file(tensors, str(tmp / f"rank-{b.rank:05d}.safetensors"))
         (tmp / f"rank-{b.rank:05d}.json").write_text(json.dumps(info))
         b.save_optimizers(tmp)  # a collective for sharded optimizers (DeepSpeed engines)

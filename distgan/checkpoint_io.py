@@ -102,9 +102,16 @@ def fsync_dir(folder: Path) -> None:
 
 
 def test_pause(tmp: Path) -> None:
-    """Test hook: DISTGAN_TEST_SLOW_SAVE=SECONDS sleeps after every part of a checkpoint is written
-    and before its manifest and rename, so a test can SIGKILL the process mid-save."""
-    seconds = float(os.environ.get("DISTGAN_TEST_SLOW_SAVE", "0") or 0)
+    """Test hook: DISTGAN_TEST_SLOW_SAVE=SECONDS[@STEP] sleeps after every part of a checkpoint (of
+    that step only, with @STEP) is written and before its manifest and rename, so that a test can
+    SIGKILL the process in the middle of a save."""
+    spec = os.environ.get("DISTGAN_TEST_SLOW_SAVE", "")
+    if not spec:
+        return
+    seconds, _, step = spec.partition("@")
+    if step and Path(tmp).name != f"step-{int(step):09d}.tmp":
+        return
+    seconds = float(seconds)
     if seconds > 0 and Path(tmp).is_dir():
         print(f"DISTGAN_TEST_SLOW_SAVE: pausing {seconds:g}s inside {tmp}", file=sys.stderr, flush=True)
         time.sleep(seconds)
@@ -130,7 +137,7 @@ def describe_write_error(e: BaseException, tmp: Path, root: Path, previous: str 
         try:
             free = shutil.disk_usage(root).free
             if free < 1 << 20:  # torch.save's "file write failed" carries no errno
-                reason = f"the disk appears to be full ({free} bytes free; {type(e).__name__}: {e})"
+                reason = f"the disk is full ({free} bytes free; {type(e).__name__}: {e})"
         except OSError:
             pass
     kept = f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint exists"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -53,6 +54,14 @@ def train_command(config: str | None, dry_run: bool, help_config: bool, local_ra
     except ConfigError as e:
         click.echo(f"distgan: config error: {e}", err=True)
         sys.exit(EXIT_CONFIG)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        # A full disk or an unwritable folder outside a checkpoint save (samples, metrics):
+        # checkpoints are only ever replaced once a new one is complete, so the last one is intact.
+        click.echo(f"distgan: error: cannot write {e.filename or 'to the run folder'}: {e.strerror}. Checkpoints "
+                   "already written are intact; free space or fix the folder, then rerun (train.resume=auto).", err=True)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - turn known failures into one clear line
         if type(e).__name__ in _KNOWN_ERRORS:
             click.echo(f"distgan: error: {e}", err=True)
@@ -65,6 +74,7 @@ def train_command(config: str | None, dry_run: bool, help_config: bool, local_ra
 
 
 # Failures whose message is the whole story (no traceback for the user).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _KNOWN_ERRORS = {"DataError", "CheckpointError", "NonFiniteLossError", "WorldSizeError", "EvalError"}
 
 

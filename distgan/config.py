@@ -162,12 +162,17 @@ class DistConfig:
     """Shard G and D with FSDP (accelerate backend, GPU)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (0, 1, 2) for the deepspeed backend."""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON (e.g. launch/ds_zero2.json) for the deepspeed backend, merged under the keys
+    distgan sets itself (batch sizes, precision, ZeRO stage, clipping); empty: the file given to
+    `accelerate launch`, if any."""
     compile: bool = False
-    """Wrap G and D with torch.compile."""
+    """Wrap G and D with torch.compile (accelerate backend; slower than eager on CPU)."""
     timeout_s: int = 120
-    """Collective timeout: a dead rank stops the others within about this many seconds."""
+    """Collective timeout: a dead or hung rank stops the others within about this many seconds."""
     expect_world_size: int = 0
-    """Fail fast unless the launcher started this many processes (0: no check)."""
+    """Fail fast unless the launcher started this many processes (0: only the launcher's own
+    request is checked)."""
 
 
 @dataclass

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import re
-import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +196,7 @@ def requested_world_size(env: Mapping[str, str] | None = None) -> tuple[int, str
     parent = _parent_cmdline()
     asked = parse_accelerate_launch(parent)
     if asked:
-        return asked, f"the launcher's command line `{shlex.join(a for a in parent if a)}`"
+        return asked, "by the `accelerate launch` command line or its config file"
     return 0, ""
 
 
@@ -231,6 +230,7 @@ def launched_world_size() -> int:
 # ---------------------------------------------------------------------------- failures
 
 _FAIL_KEY = "distgan/failed/"
+_STUCK_KEY = "distgan/collective-failed/"
 
 
 def _default_store():
@@ -244,31 +244,38 @@ def _default_store():
         return None
 
 
-def announce_failure(rank: int, error: BaseException) -> None:
-    """Post this rank's error where the other ranks can read it (best effort, never raises)."""
+def _post(key: str, value: str) -> None:
     store = _default_store()
     if store is None:
         return
     try:
-        store.set(f"{_FAIL_KEY}{rank}", f"{type(error).__name__}: {error}"[:2000])
+        store.set(key, value[:2000])
     except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
         pass
 
 
-def reported_failures(world_size: int) -> dict[int, str]:
-    """Errors other ranks posted with `announce_failure` (empty when none or no store)."""
+def _read(prefix: str, world_size: int) -> dict[int, str]:
     store = _default_store()
     found: dict[int, str] = {}
     if store is None:
         return found
     for r in range(world_size):
-        key = f"{_FAIL_KEY}{r}"
         try:
-            if store.check([key]):
-                found[r] = store.get(key).decode(errors="replace")
+            if store.check([f"{prefix}{r}"]):
+                found[r] = store.get(f"{prefix}{r}").decode(errors="replace")
         except Exception:  # noqa: BLE001
             break
     return found
+
+
+def announce_failure(rank: int, error: BaseException) -> None:
+    """Post this rank's error where the other ranks can read it (best effort, never raises)."""
+    _post(f"{_FAIL_KEY}{rank}", f"{type(error).__name__}: {error}")
+
+
+def reported_failures(world_size: int) -> dict[int, str]:
+    """Errors ranks posted with `announce_failure` (empty when none or no store)."""
+    return _read(_FAIL_KEY, world_size)
 
 
 def _is_collective_failure(error: BaseException) -> bool:
@@ -282,12 +289,44 @@ def _is_collective_failure(error: BaseException) -> bool:
         s in text for s in ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe"))
 
 
+def explain_collective_failure(rank: int, world_size: int, timeout_s: float, error: BaseException,
+                               grace_s: float | None = None) -> str:
+    """Who is to blame when this rank's collective failed: a rank that posted an error, else the
+    ranks that stayed silent (neither an error nor a failed collective of their own within a
+    short grace: killed, crashed hard, or hung)."""
+    import time
+
+    _post(f"{_STUCK_KEY}{rank}", "1")
+    grace = min(10.0, max(2.0, timeout_s / 2)) if grace_s is None else grace_s
+    deadline = time.monotonic() + grace
+    failed: dict[int, str] = {}
+    silent: list[int] = []
+    while True:
+        failed = {r: m for r, m in reported_failures(world_size).items() if r != rank}
+        stuck = _read(_STUCK_KEY, world_size)
+        silent = [r for r in range(world_size) if r != rank and r not in failed and r not in stuck]
+        if failed or not silent or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    if failed:
+        named = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+        return f"rank {rank} stopped because another rank failed ({named})"
+    if silent:
+        who = ", ".join(str(r) for r in silent)
+        return (f"rank {rank} stopped: rank(s) {who} stopped taking part in collectives without reporting an error "
+                f"(killed, crashed hard, or hung for more than dist.timeout_s={timeout_s:g} s). "
+                f"This rank saw {type(error).__name__}: {first}")
+    return (f"rank {rank} stopped: a collective failed or waited more than dist.timeout_s={timeout_s:g} s "
+            f"({type(error).__name__}: {first}); no rank reported an error. The launcher's report names the process.")
+
+
 @contextlib.contextmanager
 def fail_fast(rank: int, world_size: int, timeout_s: float) -> Iterator[None]:
     """Around a rank's training: turn "a collective failed" into an error naming the failed rank.
 
     A rank that raises posts its error first; its peers, blocked in their next collective,
-    fail as soon as its sockets close (or after `timeout_s` when it hangs) and report it. The
+    fail as soon as its sockets close (or after `timeout_s` when it hangs), and name it. The
     launcher (torchrun, accelerate launch) then stops the remaining processes.
     """
     try:
@@ -299,14 +338,6 @@ def fail_fast(rank: int, world_size: int, timeout_s: float) -> Iterator[None]:
             announce_failure(rank, error)
             log.error("rank %d failed: %s: %s", rank, type(error).__name__, error)
             raise
-        failures = {r: m for r, m in reported_failures(world_size).items() if r != rank}
-        if failures:
-            named = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-            message = f"rank {rank} stopped because another rank failed ({named})"
-        else:
-            first = str(error).splitlines()[0][:300] if str(error) else ""
-            message = (f"rank {rank} stopped: a collective failed or waited more than dist.timeout_s={timeout_s:g} s "
-                       f"({type(error).__name__}: {first}). No rank reported an error, so one was killed or "
-                       "hangs; the launcher's report names the process.")
-        announce_failure(rank, PeerFailureError(message))
+        message = explain_collective_failure(rank, world_size, timeout_s, error)
+        log.error("%s", message)
         raise PeerFailureError(message) from error

@@ -53,8 +53,10 @@ def resolve_weights(extractor: str, weights: str = "") -> str:
 
 def real_data_config(data: DataConfig, batch_size: int, source: str | None = None, **changes: Any) -> DataConfig:
     """The training data config for real images: same images, no random flips (FID compares
-    the data as it is), the eval batch size, and optionally another source."""
-    return dataclasses.replace(data, hflip=False, batch_size=batch_size, source=source or data.source, **changes)
+    the data as it is), each image at most once (no resampling), the eval batch size, and
+    optionally another source."""
+    return dataclasses.replace(data, hflip=False, resampled=False, batch_size=batch_size, source=source or data.source,
+                               **changes)
 
 
 def usable_real(num_samples: int, batch_size: int, world_size: int) -> tuple[int, int]:
@@ -112,12 +114,13 @@ class TrainingEvaluator:
         self.data = real_data_config(cfg.data, self.batch_size, workers=min(cfg.data.workers, 1))
         self.cache_dir = str(Path(cfg.data.cache_dir).expanduser() / "fid-real")
 
-    def due(self, nimg: int, images_per_step: int, final: bool) -> bool:
-        """True when this step crossed a multiple of every_kimg (or is the last step).
-        A pure function of the image counter, so every rank agrees without a collective."""
+    def due(self, nimg: int, images_since_last_check: int, final: bool) -> bool:
+        """True when the image counter crossed a multiple of every_kimg since the last check (or
+        this is the last step). A pure function of the counter: every rank agrees without a
+        collective, and a resumed run keeps the cadence."""
         if self.every_nimg <= 0:
             return False
-        return final or nimg // self.every_nimg > (nimg - images_per_step) // self.every_nimg
+        return final or nimg // self.every_nimg > (nimg - images_since_last_check) // self.every_nimg
 
     def run(self, G_ema, nimg: int) -> dict[str, Any]:
         """Scores as a log row (eval/fid, eval/kid, ..., with the settings). Every rank calls it."""

@@ -59,26 +59,27 @@ def resolve_wandb_mode(setting: str) -> tuple[str, str]:
 
     `auto` honours an explicit WANDB_MODE from the environment, then goes online only with
     credentials; otherwise offline, never the interactive login prompt (which would hang a
-    batch job). `online` without credentials is an error for the same reason.
+    batch job). `online` without credentials also logs offline, with a warning, rather than
+    raising: the tracker exists on the main process only, and an exception there alone would
+    leave the other ranks waiting in their next collective until the timeout.
     """
     if setting == "off":
         return "off", ""
     if setting == "offline":
         return "offline", ""
     has_key = wandb_credentials()
+    sync = "upload later with `wandb sync {dir}/wandb/offline-run-*`"
     if setting == "online":
-        if not has_key:
-            from distgan.config import ConfigError
-
-            raise ConfigError("logging.wandb=online but no W&B credentials were found (WANDB_API_KEY or a ~/.netrc "
-                              "entry for api.wandb.ai from `wandb login`). Log in, or use logging.wandb=offline|auto.")
-        return "online", ""
+        if has_key:
+            return "online", ""
+        return "offline", ("W&B: logging.wandb=online but no credentials were found (WANDB_API_KEY, or a ~/.netrc entry "
+                           f"for api.wandb.ai from `wandb login`): logging offline instead; {sync}.")
     env = _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
     if env:
         return env, ""
     if has_key:
         return "online", ""
-    return "offline", "W&B: no credentials found, logging offline; upload later with `wandb sync {dir}/wandb/offline-run-*`."
+    return "offline", f"W&B: no credentials found, logging offline; {sync}."
 
 
 def new_run_id() -> str:
@@ -122,20 +123,27 @@ class Tracker:
             # No stdout/stderr capture: tqdm and the rank logs stay untouched.
             settings=wandb.Settings(console="off"),
         )
-        try:
-            run = wandb.init(**kwargs)
-        except Exception as e:  # noqa: BLE001 - a W&B outage must not kill a training job
-            if self.mode != "online":
-                raise
-            log.warning("W&B online init failed (%s); logging offline instead.", e)
-            self.mode = kwargs["mode"] = "offline"
-            run = wandb.init(**kwargs)
+        # A W&B failure must not kill a training job, nor raise on the main process alone (the
+        # other ranks would wait in their next collective): online falls back to offline, and
+        # offline to metrics.jsonl only.
+        run = None
+        for mode in (["online", "offline"] if self.mode == "online" else ["offline"]):
+            try:
+                kwargs["mode"] = self.mode = mode
+                run = wandb.init(**kwargs)
+                break
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B %s init failed (%s: %s).", mode, type(e).__name__, e)
+        if run is None:
+            self.mode = "off"
+            log.warning("W&B is off for this run; metrics.jsonl still has every scalar.")
+            return
         # Our step axis, so a requeued run continues on an increasing x axis (see module doc).
         run.define_metric(STEP_KEY)
         run.define_metric("*", step_metric=STEP_KEY)
         self._wandb = run
         if hint:
-            log.info(hint.format(dir=self.run_dir))
+            (log.warning if self.cfg.logging.wandb == "online" else log.info)(hint.format(dir=self.run_dir))
         log.info("W&B run %s (%s) in %s", self.run_id, self.mode, self.run_dir / "wandb")
 
     # ------------------------------------------------------------------ logging

@@ -156,7 +156,9 @@ class Trainer:
                     self.check_finite()
                     self.save()
                 leaving = preempted and st.step < cfg.train.steps  # no time for an evaluation then
-                if self.evaluator and not leaving and self.evaluator.due(st.nimg, self.images_per_step, st.step == cfg.train.steps):
+                # A generator step shows D d_steps batches: that many images since the last check.
+                per_step = self.images_per_step * cfg.optim.d_steps
+                if self.evaluator and not leaving and self.evaluator.due(st.nimg, per_step, st.step == cfg.train.steps):
                     with isolated_rng(), signals_blocked():  # must not change what training draws next
                         last_time += self.evaluate()  # collective; its time is kept out of img/s
                 if preempted and st.step < cfg.train.steps:
@@ -218,7 +220,7 @@ class Trainer:
                 # Every rank skips together (the flag was all-reduced), so weights stay identical.
                 b.zero_grad(phase.net)
                 self.meter.add("train", {"nonfinite_skips": torch.ones((), device=b.device)})
-                log.warning("Non-finite %s loss at step %d: update skipped (train.on_nonfinite=skip).", phase.name, self.state.step)
+                log.warning("Non-finite %s loss at step %d: update skipped (train.on_nonfinite=skip).", phase.name, self.state.step + 1)
                 return
             code = self.state.step * len(self.phases) + self.phases.index(phase)
             self._first_bad = torch.where(bad & (self._first_bad < 0), code, self._first_bad)

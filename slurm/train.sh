@@ -37,11 +37,12 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --error=%x-%j.err
 
+# shellcheck disable=SC2317,SC1090  # trap handlers are called indirectly; sourced env is dynamic
 set -euo pipefail
 
 # Catch the preemption notice from the first line on (bash's default action for USR1 is to die).
 PREEMPTED=0 TERMINATED=0 GRACE_EXPIRED=0
-SRUN_PID= GRACE_PID= RUN_DIR_ABS=
+SRUN_PID='' GRACE_PID='' RUN_DIR_ABS=''
 PREEMPT_GRACE=${PREEMPT_GRACE:-100}
 on_usr1() {
   PREEMPTED=1

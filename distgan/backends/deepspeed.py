@@ -25,6 +25,7 @@ the raw module of the frozen network.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import sys
@@ -57,10 +58,49 @@ def _skip_shm_comm_op() -> None:
         module.build_shm_op = lambda: None
 
 
+def user_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON of `dist.deepspeed_config` (else the one `accelerate launch` was given),
+    checked against what distgan decides itself."""
+    path = cfg.dist.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dist.deepspeed_config={path}: cannot read it as JSON ({e})") from None
+    if "optimizer" in data or "scheduler" in data:
+        raise ConfigError(f"{path}: remove the 'optimizer'/'scheduler' sections: distgan gives each engine its own "
+                          "torch Adam (optim.* keys), and a config optimizer would JIT-compile fused_adam.")
+    zero = data.get("zero_optimization", {})
+    stage = zero.get("stage", "auto")
+    if stage != "auto" and int(stage) != cfg.dist.zero_stage:
+        raise ConfigError(f"{path} asks for ZeRO stage {stage} but dist.zero_stage={cfg.dist.zero_stage}; pass "
+                          f"dist.zero_stage={stage}.")
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") != "none":
+            raise ConfigError(f"{path}: zero_optimization.{key} is not supported (it needs DeepSpeed's CPU Adam, "
+                              "distgan passes torch Adam); remove it.")
+    precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
+        enabled = data.get(key, {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == name):
+            raise ConfigError(f"{path} sets {key}.enabled={enabled} but dist.mixed_precision={precision or 'no'}; "
+                              f"make them agree (or write \"auto\").")
+    return data
+
+
+def _merge(base: dict, ours: dict) -> dict:
+    """`ours` over `base`, recursively; "auto" values of `base` that we do not set are dropped."""
+    out = {k: v for k, v in base.items() if v != "auto"}
+    for key, value in ours.items():
+        out[key] = _merge(out.get(key, {}) if isinstance(out.get(key), dict) else {}, value) if isinstance(value, dict) else value
+    return out
+
+
 def ds_config(cfg: Config, world_size: int, bf16: bool, cpu: bool) -> dict:
     """The DeepSpeed config of both engines (the same for G and D)."""
     stage = cfg.dist.zero_stage
-    conf = {
+    ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulate,
         "train_batch_size": cfg.data.batch_size * cfg.optim.accumulate * world_size,
@@ -72,15 +112,17 @@ def ds_config(cfg: Config, world_size: int, bf16: bool, cpu: bool) -> dict:
         # Clipping by DeepSpeed, except at stage 0 in fp32 where this backend clips (see step).
         "gradient_clipping": cfg.optim.grad_clip if stage > 0 or bf16 else 0.0,
         "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
     }
     if bf16:
         # BatchNorm wants its running statistics in the weights' dtype (DeepSpeed keeps buffers fp32).
-        conf["data_types"] = {"buffer_dtype": "bf16"}
+        ours["data_types"] = {"buffer_dtype": "bf16"}
+    base = user_config(cfg)
     if stage > 0:
+        zero = base.get("zero_optimization", {})
         # Overlapping the reduction with the backward only pays on GPUs (side streams).
-        conf["zero_optimization"].update({"overlap_comm": not cpu, "contiguous_gradients": True})
-    return conf
+        ours["zero_optimization"].update({"overlap_comm": zero.get("overlap_comm", not cpu) if not cpu else False,
+                                          "contiguous_gradients": zero.get("contiguous_gradients", True)})
+    return _merge(base, ours)
 
 
 class DeepSpeedBackend(Backend):

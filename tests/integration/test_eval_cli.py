@@ -121,7 +121,7 @@ def test_training_checks_eval_inputs_before_the_first_step(tiny_shards, tmp_path
 def test_two_ranks_evaluate_together_during_training(tiny_shards, tmp_path):
     """eval.every_kimg with 2 processes: every rank takes part (a collective), the main one logs."""
     run = tmp_path / "run"
-    args = tiny_overrides(tiny_shards, run, "train.steps=4", "eval.every_kimg=0.064", "eval.n_samples=32",
+    args = tiny_overrides(tiny_shards, run, "train.steps=4", "eval.every_kimg=0.048", "eval.n_samples=32",
                           "eval.extractor=tiny", "eval.batch_size=16", f"data.cache_dir={tmp_path / 'cache'}",
                           "dist.expect_world_size=2", "logging.wandb=offline")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "integration" / "ranks.py"), "2", str(tmp_path / "pids"),
@@ -129,7 +129,9 @@ def test_two_ranks_evaluate_together_during_training(tiny_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/fid" in r]
-    assert [r["step"] for r in evals] == [2, 4]  # 2 D steps x 8 images x 2 ranks per step: every 64 images
+    # 2 D steps x 8 images x 2 ranks = 32 images per step (32, 64, 96, 128): the multiples of 48 are
+    # crossed at steps 2 and 3, and the last step is always evaluated.
+    assert [r["step"] for r in evals] == [2, 3, 4]
     assert all(r["eval/n_real"] == r["eval/n_fake"] == 32 and math.isfinite(r["eval/fid"]) for r in evals)
     best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
     assert best["value"] == pytest.approx(min(r["eval/fid"] for r in evals))

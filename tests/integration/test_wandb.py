@@ -26,6 +26,7 @@ EVAL_KEYS = ["eval/fid", "eval/kid", "eval/kid_std", "eval/n_real", "eval/n_fake
 
 
 def _args(shards: Path, run: Path, cache: Path) -> list[str]:
+    # 8 images x 2 D steps = 16 images per step: an evaluation every 2 steps (32 images).
     return tiny_overrides(
         shards, run, "logging.wandb=offline", "logging.project=distgan-test", "logging.group=g1", "logging.tags=[t1,t2]",
         "train.name=wbrun", "train.steps=60", "train.log_every=2", "train.sample_every=4", "train.ckpt_every=20",
@@ -147,8 +148,8 @@ def test_auto_is_offline_with_a_sync_hint_without_credentials(no_credentials):
     assert not wandb_credentials()
     mode, hint = resolve_wandb_mode("auto")
     assert mode == "offline" and "wandb sync" in hint
-    with pytest.raises(ConfigError, match="no W&B credentials"):
-        resolve_wandb_mode("online")  # never the interactive login prompt
+    mode, hint = resolve_wandb_mode("online")  # never the interactive login prompt, never a main-rank-only crash
+    assert mode == "offline" and "no credentials" in hint and "wandb sync" in hint
     assert resolve_wandb_mode("off") == ("off", "")
 
 

@@ -21,6 +21,7 @@ Command line (for debugging): ``python tests/slurm/cluster.py up`` starts a clus
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -221,9 +222,13 @@ class SlurmCluster:
         ctld, slurmd, *node_ports = free_ports(2 + len(self.nodes))
         self.ports = {"slurmctld": ctld, "slurmd": slurmd, **dict(zip(self.nodes, node_ports))}
         b = self.base
+        # Random job ids: slurm/train.sh derives its rendezvous port from the job id, and two test
+        # sessions on one machine must not both start at job 1.
+        first_job_id = random.randint(1, 4000) * 1000 + 1
         lines = f"""\
 # Written by tests/slurm/cluster.py: a loopback test cluster. Not for production.
 ClusterName=distgantest
+FirstJobId={first_job_id}
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
@@ -448,7 +453,8 @@ KillWait=3
 
         ``delay`` must be >= 1: slurmd revokes the job's credential when it kills the first run and
         compares times in whole seconds, so a restart within the same second fails to launch
-        (the job ends FAILED with RunTime 0). 2 s leaves a margin.
+        (slurmd: "Job N already killed, do not launch batch job ... Job credential revoked"; the
+        job ends FAILED with RunTime 0). 2 s leaves a margin.
         """
         info = self.wait_state(job_id, {"PENDING", "RUNNING", *TERMINAL_STATES}, timeout,
                                min_restarts=restarts)

@@ -16,19 +16,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cluster as _cluster  # noqa: E402
 
 
+_NOTES: list[str] = []
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    """Write a line to the terminal now (past output capture) and again in the summary."""
+    _NOTES.append(text)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        print(text, file=sys.stderr)
+        return
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{text}")
+    else:
+        reporter.write_line(f"\n{text}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for text in _NOTES:
+        terminalreporter.write_line(text)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(request):
     try:
         _cluster.ensure_installed()
     except _cluster.ClusterUnavailable as exc:
         reason = f"loopback SLURM cluster unavailable: {exc}"
-        print(f"\n[tests/slurm] SKIP: {reason}", file=sys.__stderr__, flush=True)
+        _say(request.config, f"[tests/slurm] SKIP: {reason}")
         pytest.skip(reason)
     c = _cluster.SlurmCluster()
     c.start()
-    print(f"\n[tests/slurm] cluster up in {c.startup_seconds:.2f}s at {c.base} "
-          f"(nodes {', '.join(c.nodes)}, slurmctld port {c.ports['slurmctld']})",
-          file=sys.__stderr__, flush=True)
+    _say(request.config, f"[tests/slurm] cluster up in {c.startup_seconds:.2f}s at {c.base} "
+         f"(nodes {', '.join(c.nodes)}, slurmctld port {c.ports['slurmctld']})")
     try:
         yield c
     finally:

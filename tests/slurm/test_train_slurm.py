@@ -1,0 +1,128 @@
+"""`sbatch slurm/train.sh` with the real trainer on the loopback cluster: two nodes, one CPU
+process each (gloo), a tiny GAN on a 64-image shard set.
+
+- a two-node job completes with world size 2 and both nodes writing their part of the checkpoint;
+- `scancel --signal=USR1 --batch` mid-run: the trainer checkpoints and stops, the job requeues
+  itself (SLURM_RESTART_COUNT 1), resumes from that checkpoint and ends at exactly the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distgan.checkpoint import verify
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SH = REPO / "slurm" / "train.sh"
+TINY = ["data.resolution=16", "data.batch_size=4", "data.workers=1", "data.shuffle_buffer=8", "model.z_dim=8",
+        "model.g_width=8", "model.d_width=8", "logging.wandb=off", "train.progress=false", "train.log_every=2",
+        "train.sample_every=1000", "train.signal_check_every=1", "dist.expect_world_size=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from distgan.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("slurm-data")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i:03d}.png")
+    write_shards(str(root / "img"), root / "shards", resolution=16, channels=3, shard_size=16, workers=1, progress=False)
+    return root / "shards"
+
+
+def job_env(run_dir: Path) -> dict[str, str]:
+    with socket.socket() as s:  # another test session's cluster may hand out the same job ids
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"GPUS_PER_NODE": "0", "RUN_DIR": str(run_dir), "DISTGAN_TRAIN_SCRIPT": str(REPO / "distgan" / "train.py"),
+           "MAIN_PROCESS_PORT": str(port), "OMP_NUM_THREADS": "1", "DISTGAN_NO_PROGRESS": "1"}
+    if (Path(sys.prefix) / "bin" / "activate").exists():
+        env["DISTGAN_ENV"] = sys.prefix
+    else:
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return env
+
+
+def read_logs(folder: Path) -> str:
+    return "\n".join(f"==> {p.name} <==\n{p.read_text(errors='replace')}"
+                     for p in sorted(folder.glob("*.out")) + sorted(folder.glob("*.err")))
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:09d}"
+
+
+def latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().split("-")[1]) if pointer.is_file() else -1
+
+
+def check_final(run_dir: Path, steps: int) -> None:
+    """The run ended at `steps` with a complete checkpoint written by two ranks on two nodes."""
+    final = ckpt(run_dir, steps)
+    assert (run_dir / "DONE").read_text().strip() == str(steps)
+    assert latest_step(run_dir) == steps and verify(final) is None
+    state = json.loads((final / "state.json").read_text())
+    # 2 ranks x batch 4 x 2 D steps per G step: no step counted twice or lost across a resume.
+    assert (state["step"], state["world_size"], state["nimg"]) == (steps, 2, steps * 2 * 4 * 2)
+    ranks = [json.loads((final / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["host"]["slurm_node"] for r in ranks) == ["n1", "n2"]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # DDP kept the ranks identical
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)) and rows[-1] == steps, rows
+
+
+def test_sbatch_two_nodes_real_trainer(slurm_cluster, shards, tmp_path):
+    run_dir, steps = tmp_path / "run", 4
+    job = slurm_cluster.sbatch(TRAIN_SH, f"data.source={shards}", *TINY, f"train.steps={steps}",
+                               sbatch_args=("--nodes", "2", "--job-name", "real2"), cwd=tmp_path, env=job_env(run_dir))
+    state = slurm_cluster.wait_job(job, timeout=180)
+    logs = read_logs(tmp_path)
+    assert state == "COMPLETED", f"{state}\n{logs}\n{slurm_cluster.logs(30)}"
+    assert "world size 2 = 2 node(s) x 1 process(es)" in logs
+    assert "2 process(es) on cpu" in logs and "run complete" in logs, logs
+    check_final(run_dir, steps)
+    assert (run_dir / "samples" / f"ema-{steps:09d}.png").is_file()
+
+
+def test_sbatch_preempted_by_usr1_requeues_and_resumes(slurm_cluster, shards, tmp_path):
+    run_dir, target = tmp_path / "run", 80
+    job = slurm_cluster.sbatch(TRAIN_SH, f"data.source={shards}", *TINY, f"train.steps={target}", "train.ckpt_every=5",
+                               sbatch_args=("--nodes", "2", "--job-name", "preempt"), cwd=tmp_path,
+                               env=job_env(run_dir))
+    deadline = time.monotonic() + 180
+    while latest_step(run_dir) < 5:
+        assert time.monotonic() < deadline and slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"{slurm_cluster.job_info(job)}\n{read_logs(tmp_path)}"
+        time.sleep(0.1)
+    # What --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only.
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.requeue_fast(job, restarts=1, timeout=90)
+    state = slurm_cluster.wait_job(job, timeout=180)
+    logs = read_logs(tmp_path)
+    assert state == "COMPLETED", f"{state}\n{slurm_cluster.job_info(job)}\n{logs}"
+    assert slurm_cluster.job_info(job)["Restarts"] == "1"
+    assert "restart count 0" in logs and "restart count 1" in logs and "requeueing job" in logs, logs
+
+    saved = {int(k) for k in re.findall(r"Preemption requested: checkpoint saved at step (\d+)", logs)}
+    assert len(saved) == 1, logs  # both ranks stopped at the same step
+    k = saved.pop()
+    assert 5 <= k < target
+    assert f"Resumed from {ckpt(run_dir, k)} at step {k} " in logs, logs  # from the preemption checkpoint
+    assert logs.count("Resumed from") == 1
+    check_final(run_dir, target)
+    assert not (run_dir / "PREEMPT").exists()
