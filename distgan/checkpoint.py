@@ -15,6 +15,13 @@ checkpoint whose manifest is missing or does not match is skipped (with a warnin
 the previous one. Every rank calls `save`/`load`: saving is a collective for backends that shard
 state, so it never sits inside a main-process-only branch. `checkpoints/best` holds a copy
 (hard links) of the checkpoint with the best evaluation metric, described by `best.json`.
+
+Resume (`train.resume`): `auto` takes the newest valid checkpoint of the run folder (a fresh start
+when there is none); `PATH` a given checkpoint or run folder, which must be valid (no fallback),
+and this run's checkpoints at or after its step are renamed `*.superseded-<time>` (a rollback
+never mixes two timelines, and nothing is deleted); `none` refuses a run folder that already has
+checkpoints, since training from scratch there would interleave two runs and let pruning delete
+the old run's checkpoints: pick a new run folder or delete the old one.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distgan.backends.base import Backend
-from distgan.checkpoint_io import (CheckpointError, RngState, check_resume_compatible, describe_write_error, fsync_dir,
-                                   fsync_tree, json_to_tensor, rng_state, set_rng_state, sha256, tensor_to_json,
-                                   test_pause)
+from distgan.checkpoint_io import (CheckpointError, RngState, check_resume_compatible, describe_write_error, fingerprint,
+                                   fsync_dir, fsync_tree, json_to_tensor, link_or_copy, pause_for_tests, rng_state,
+                                   set_rng_state, sha256, tensor_to_json)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -89,6 +96,7 @@ class Checkpointer:
         self.keep = keep
         self.stateful: dict[str, Any] = {}
         """Extra objects with state_dict()/load_state_dict() (e.g. LR schedulers) saved in state.json."""
+        self._verified: set[Path] = set()  # by find_valid: load need not read every file again
 
     # ------------------------------------------------------------------ saving
     def save(self, state: TrainState, G_ema: torch.nn.Module, config: dict, data_state: dict) -> Path:
@@ -98,7 +106,7 @@ class Checkpointer:
         # Each stage ends in one collective, so a failure on any rank stops all ranks together.
         self._all_ok(lambda: self._start(tmp), tmp)  # other ranks write only once the folder exists
         self._all_ok(lambda: self._write_parts(tmp, state, G_ema, config, data_state), tmp)
-        test_pause(tmp)  # test hook: a window in which a SIGKILL hits a half-written checkpoint
+        pause_for_tests(tmp)  # test hook: a window in which a SIGKILL hits a half-written checkpoint
         self._all_ok(lambda: self._publish(tmp, final), tmp)
         return final
 
@@ -137,9 +145,11 @@ class Checkpointer:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         (tmp / MANIFEST).write_text(json.dumps({name: sha256(tmp / name) for name in files}, indent=1))
         fsync_tree(tmp)
+        replaced = final.with_name(f"{final.name}.replaced.tmp")
         if final.exists():  # the same step saved again (e.g. a rollback): the new one wins
-            shutil.rmtree(final)
+            os.replace(final, replaced)  # a rename, so no half-deleted `step-*` can be left
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         pointer = self.root / (LATEST + ".tmp")
         pointer.write_text(final.name)
         os.replace(pointer, self.root / LATEST)
@@ -167,7 +177,11 @@ class Checkpointer:
     def _prune(self) -> None:
         done = self.completed()
         for old in done[: max(0, len(done) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first, so a crash halfway through the delete leaves no half-deleted
+            # `step-*` behind (the next save clears `*.tmp`).
+            doomed = old.with_name(f"{old.name}.pruned.tmp")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # ------------------------------------------------------------------ best slot
     def save_best(self, value: float, metric: str = "fid", step: int | None = None, lower_is_better: bool = True) -> bool:
@@ -185,7 +199,7 @@ class Checkpointer:
             raise CheckpointError(f"save_best: no checkpoint {name or '(none written yet)'} under {self.root}; save one first")
         tmp, dst, old = self.root / (BEST + ".tmp"), self.root / BEST, self.root / (BEST + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
         info = {"metric": metric, "value": float(value), "lower_is_better": lower_is_better, "checkpoint": src.name,
                 "step": step_of(src)}
         (tmp / BEST_INFO).write_text(json.dumps(info, indent=1))
@@ -237,6 +251,7 @@ class Checkpointer:
         for path in self.candidates():
             problem = verify(path)
             if problem is None:
+                self._verified.add(path)
                 return path
             warnings.warn(f"Skipping checkpoint {path}: {problem}; trying the previous one.", stacklevel=2)
         return None
@@ -273,7 +288,7 @@ class Checkpointer:
         this rank's RNG state. A collective: all ranks must load the same verified checkpoint."""
         b = self.backend
         path = Path(path)
-        problem = verify(path)
+        problem = None if path in self._verified else verify(path)
         meta = json.loads((path / "state.json").read_text()) if problem is None else {}
         step = int(meta.get("step", -1))
         # One collective: did any rank fail to verify, and did every rank pick the same step?
@@ -301,29 +316,16 @@ class Checkpointer:
             data_state = info.pop("data", {}) or {}
             rng = (info, load_file(str(path / f"rank-{b.rank:05d}.safetensors")))
         else:
+            # Every rank has consumed as many batches as rank 0: the stream maps that position
+            # onto the new layout (approximately, with a warning of its own).
+            first = path / "rank-00000.json"
+            data_state = (json.loads(first.read_text()).get("data") or {}) if first.is_file() else {}
             warnings.warn(f"{path} was written by {meta.get('world_size')} processes, this run has {b.world_size}: "
-                          "RNG and data position start fresh (weights and optimizers are restored).", stacklevel=2)
+                          "RNG states start fresh, the data position is carried over approximately "
+                          "(weights and optimizers are restored).", stacklevel=2)
         state = TrainState(step=meta["step"], d_step=meta["d_step"], nimg=meta["nimg"], wandb_id=meta.get("wandb_id", ""),
                            extra=meta.get("extra", {}))
         return Restored(path, state, meta["config"], data_state, rng)
-
-
-def fingerprint(module: torch.nn.Module) -> list[float]:
-    """[sum, position-weighted sum] of the per-tensor sums of a module's float state: equal
-    weights give equal numbers on every rank (same kernels), different ones almost never do."""
-    sums = [t.detach().float().sum() for t in module.state_dict().values() if t.is_floating_point()]
-    if not sums:
-        return [0.0, 0.0]
-    s = torch.stack(sums).double().cpu()
-    return [s.sum().item(), (s * torch.arange(1, len(s) + 1, dtype=torch.float64)).sum().item()]
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
 
 
 def verify(path: Path) -> str | None:

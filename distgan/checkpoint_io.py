@@ -101,7 +101,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def test_pause(tmp: Path) -> None:
+def fingerprint(module: torch.nn.Module) -> list[float]:
+    """[sum, position-weighted sum] of the per-tensor sums of a module's float state: equal
+    weights give equal numbers on every rank (same kernels), different ones almost never do."""
+    sums = [t.detach().float().sum() for t in module.state_dict().values() if t.is_floating_point()]
+    if not sums:
+        return [0.0, 0.0]
+    s = torch.stack(sums).double().cpu()
+    return [s.sum().item(), (s * torch.arange(1, len(s) + 1, dtype=torch.float64)).sum().item()]
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def pause_for_tests(tmp: Path) -> None:
     """Test hook: DISTGAN_TEST_SLOW_SAVE=SECONDS[@STEP] sleeps after every part of a checkpoint (of
     that step only, with @STEP) is written and before its manifest and rename, so that a test can
     SIGKILL the process in the middle of a save."""

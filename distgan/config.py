@@ -159,7 +159,7 @@ class DistConfig:
     mixed_precision: str = ""
     """`no`, `bf16` or `fp16`; empty takes what `accelerate launch` was given."""
     fsdp: bool = False
-    """Shard G and D with FSDP (accelerate backend, GPU)."""
+    """Shard G and D with FSDP2 (accelerate backend; CPU or GPU; not with R1 / WGAN-GP)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (0, 1, 2) for the deepspeed backend."""
     deepspeed_config: str = ""

@@ -5,14 +5,15 @@ every `every` steps all ranks OR their flags with one small all-reduce, so they 
 same step boundary and exit together with EXIT_PREEMPTED = 17 (slurm/train.sh requeues the job).
 
 The PREEMPT file doubles as the "stopped for preemption" marker: when the ranks agree to stop, the
-main process (re)writes it with the step and the reason, and it stays until the next start of the
-trainer removes it. Wrappers need it because launchers do not pass the exit code 17 through.
+main process (re)writes it as "preempted at step N (reason)", and it stays until the next start of
+the trainer removes it. Wrappers need it because launchers do not pass the exit code 17 through.
 
-Which signals reach the ranks: `accelerate launch`/`torchrun` forward only TERM/INT/HUP/QUIT to
-their workers (and SIGKILL them 30 s after forwarding a TERM), so SIGUSR1 must be sent to a rank
-itself; under SLURM the batch shell turns its USR1 into the PREEMPT file instead. The launcher's
-own exit code is 1 when a worker exits 17, so wrappers should rely on the DONE marker the
-trainer writes on completion (slurm/train.sh does), not on 17 surviving the launcher.
+Which signals reach the ranks: `accelerate launch`/`torchrun` forward only TERM/INT/HUP/QUIT, to
+the whole process group of each worker (and SIGKILL it 30 s later), so SIGUSR1 must be sent to a
+rank itself; SLURM signals every process of a step, and slurm/train.sh turns the batch shell's
+USR1 into the PREEMPT file as well. DataLoader workers must not die of those signals before their
+rank has saved: see `signals_blocked`. The launcher's own exit code is 1 when its workers exit
+17, so wrappers go by the DONE marker (written on completion) and the PREEMPT marker.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 log = logging.getLogger("distgan")
 
 PREEMPT_FILE = "PREEMPT"
+MARKER_PREFIX = "preempted at step"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -60,8 +62,9 @@ class PreemptionWatch:
         self.file = Path(run_dir) / PREEMPT_FILE
         self.backend, self.every = backend, every
         self.signal_name = ""
-        if backend.is_main:
-            # A marker left by the previous (preempted) attempt is not a new request.
+        if backend.is_main and self._read().startswith(MARKER_PREFIX):
+            # Our own marker, left by the previous (preempted) attempt, is not a new request; a
+            # request made while this process was starting (an empty file) still counts.
             self.file.unlink(missing_ok=True)
         self._previous: dict[int, object] = {}
         # Signal handlers can only be installed from the main thread (a trainer driven from a
@@ -92,10 +95,16 @@ class PreemptionWatch:
         if agreed and self.backend.is_main:
             why = self.signal_name or ("PREEMPT file" if local else "another rank")
             try:
-                self.file.write_text(f"preempted at step {step} ({why})\n")
+                self.file.write_text(f"{MARKER_PREFIX} {step} ({why})\n")
             except OSError as e:  # the checkpoint matters more than the marker
                 log.warning("Could not write %s: %s", self.file, e)
         return agreed
+
+    def _read(self) -> str:
+        try:
+            return self.file.read_text()
+        except OSError:
+            return ""
 
     def close(self) -> None:
         """Put the previous signal handlers back (a second trainer in the same process, tests)."""

@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 import logging
+import os
 import random
 
 import numpy as np
@@ -65,8 +66,10 @@ def run(cfg: Config, dry_run: bool = False) -> str:
         run_dir = cfg.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if backend.is_main:
-                (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            if backend.is_main:  # fail now, not at the first checkpoint (config.yaml is written after resume)
+                probe = run_dir / f".write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
         except OSError as e:
             raise SystemExit(f"distgan: error: cannot write to the run folder {run_dir}: {e.strerror or e}") from None
         # Identical initial weights on every rank; then a different stream of latents per rank.
@@ -79,6 +82,8 @@ def run(cfg: Config, dry_run: bool = False) -> str:
         trainer = Trainer(cfg, backend, stream, G, D)
         try:
             trainer.restore()
+            if backend.is_main:  # only once the resume was accepted: a refused one leaves the old file
+                (run_dir / "config.yaml").write_text(cfg.to_yaml())
             status = trainer.fit()
         finally:
             stream.close()

@@ -19,6 +19,7 @@
 #   DISTGAN_ENV       venv folder (sources <dir>/bin/activate) or a shell file to source first;
 #                     default: ./.venv if `accelerate` is not on PATH
 #   DISTGAN_TRAIN_SCRIPT  entry point (default distgan/train.py); for tests and custom trainers
+#   PREEMPT_GRACE     seconds after USR1 before requeueing even if the training has not stopped (60)
 # Arguments: section.key=value overrides passed to the trainer (train.run_dir=... sets RUN_DIR).
 #
 # Preemption contract (see slurm/README.md): on SIGUSR1 (120 s before the time limit, or
@@ -43,7 +44,7 @@ set -euo pipefail
 # Catch the preemption notice from the first line on (bash's default action for USR1 is to die).
 PREEMPTED=0 TERMINATED=0 GRACE_EXPIRED=0
 SRUN_PID='' GRACE_PID='' RUN_DIR_ABS=''
-PREEMPT_GRACE=${PREEMPT_GRACE:-100}
+PREEMPT_GRACE=${PREEMPT_GRACE:-60}
 on_usr1() {
   PREEMPTED=1
   echo "[train.sh $(date '+%F %T')] SIGUSR1 received: asking the training to checkpoint and stop" \

@@ -6,6 +6,7 @@ each with a message that says what to use instead.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -16,6 +17,18 @@ from distgan.config import Config, ConfigError
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _launcher_zero_stage() -> str:
+    """The ZeRO stage `accelerate launch` was given (flag or deepspeed_config_file), else "N"."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not stage.isdigit() and path:
+        try:
+            stage = str(json.loads(open(path).read()).get("zero_optimization", {}).get("stage", ""))
+        except (OSError, ValueError):
+            stage = ""
+    return stage if stage.isdigit() else "N"
 
 
 def check_combination(cfg: Config, cuda: bool | None = None) -> None:
@@ -47,15 +60,15 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
                               f"pass dist.zero_stage={stage} (distgan builds the DeepSpeed engines itself).")
         return
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = _launcher_zero_stage()
         raise ConfigError("accelerate launch was given a DeepSpeed config but dist.backend=accelerate; add "
-                          "dist.backend=deepspeed dist.zero_stage=N (distgan runs one DeepSpeed engine per network).")
+                          f"dist.backend=deepspeed dist.zero_stage={stage} (distgan runs one DeepSpeed engine per network).")
     if _env_flag("ACCELERATE_USE_FSDP") and not d.fsdp:
         raise ConfigError("accelerate launch was given an FSDP config; add dist.fsdp=true (or launch without FSDP).")
     if d.fsdp:
-        if not cuda:
-            raise ConfigError("dist.fsdp=true needs GPUs: accelerate does not shard with FSDP on CPU (it would silently "
-                              "fall back to DDP). On CPU use DDP (dist.fsdp=false) or dist.backend=deepspeed "
-                              "dist.zero_stage=2 to shard optimizer state.")
+        if precision == "fp16":
+            raise ConfigError("dist.fsdp=true with fp16 is not supported (no sharded grad scaler here); use "
+                              "dist.mixed_precision=bf16.")
         if double_backward:
             raise ConfigError("FSDP does not support the double backward of R1 / WGAN-GP (loss.r1_gamma>0 or "
                               "loss.objective=wgan-gp): use DDP (dist.fsdp=false) or dist.backend=deepspeed dist.zero_stage=2.")
@@ -70,6 +83,10 @@ def build_backend(cfg: Config) -> Backend:
         from distgan.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg)
+    if cfg.dist.fsdp:
+        from distgan.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg)
     from distgan.backends.accelerate import AccelerateBackend
 
     return AccelerateBackend(cfg)

@@ -85,8 +85,10 @@ class AccelerateBackend(Backend):
                 # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries) and
                 # the raw module (frozen-network calls) separately; both share the parameters,
                 # and `module()` keeps returning the plain module: no `_orig_mod.` in names.
-                self._compiled[net] = torch.compile(self._wrapped[net])
-                self._compiled_raw[net] = torch.compile(self._plain[net])
+                # DISTGAN_COMPILE_BACKEND=aot_eager traces without generating code (debugging, tests).
+                backend = os.environ.get("DISTGAN_COMPILE_BACKEND", "inductor")
+                self._compiled[net] = torch.compile(self._wrapped[net], backend=backend)
+                self._compiled_raw[net] = torch.compile(self._plain[net], backend=backend)
             else:
                 self._compiled[net], self._compiled_raw[net] = self._wrapped[net], self._plain[net]
 

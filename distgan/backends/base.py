@@ -143,8 +143,9 @@ class Backend(ABC):
 
     def load_optimizers(self, folder) -> None:
         for net in NETS:
+            # "cpu" rather than the device: torch cannot map to "cpu:0"; load_state_dict moves state to the params.
             # weights_only: a checkpoint never executes pickled code when loaded.
-            state = torch.load(f"{folder}/optim_{net}.pt", map_location=self.device, weights_only=True)
+            state = torch.load(f"{folder}/optim_{net}.pt", map_location="cpu", weights_only=True)
             self.optimizer(net).load_state_dict(state)
 
     @abstractmethod

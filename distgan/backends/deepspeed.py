@@ -136,17 +136,17 @@ class DeepSpeedBackend(Backend):
         import deepspeed  # imported here: 1-2 s, and only this backend needs it
 
         _skip_shm_comm_op()
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
-        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.local_rank = info.local_rank
-        if info.world_size != self.world_size:
-            raise WorldSizeError(f"the launcher announced {info.world_size} processes, the process group has {self.world_size}")
         if cpu:
             self.device = torch.device("cpu")
         else:
             self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # before NCCL starts, so each rank uses its own GPU
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if info.world_size != self.world_size:
+            raise WorldSizeError(f"the launcher announced {info.world_size} processes, the process group has {self.world_size}")
         self._bf16 = self.mixed_precision == "bf16"
         self._dtype = torch.bfloat16 if self._bf16 else torch.float16 if self.mixed_precision == "fp16" else None
         self._config = ds_config(cfg, self.world_size, self._bf16, cpu)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,13 +33,15 @@ def main(argv: list[str]) -> int:
     pid_dir.mkdir(parents=True, exist_ok=True)
     from distgan.cli import train_command  # the heavy imports, once, before forking
 
-    port = _free_port()
+    port = free_port()
     pids = []
     for rank in range(n):
         pid = os.fork()
         if pid == 0:
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                              GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
+            if n > 1:  # N=1: a plain `distgan train` process, as without a launcher
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                                  GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                  ACCELERATE_USE_CPU="1")
             (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
             code = 1
             try:

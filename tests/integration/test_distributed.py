@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.launch_utils import (BIN, HARNESS, REPO, TRAIN, accelerate_cmd, launch, read_dumps, tail, tiny_args,
+from tests.integration.launch_utils import (BIN, HARNESS, TRAIN, accelerate_cmd, launch, read_dumps, tail, tiny_args,
                                             torchrun_cmd)
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,9 @@ def test_gradient_averaging_matches_one_process_with_the_doubled_batch(tmp_path)
     base = tiny_args(tmp_path / "run", "model.g_norm=none", "loss.diffaugment=", "data.hflip=false", "train.steps=3",
                      "optim.ema_halflife_kimg=0.01", "train.resume=none", "train.log_every=1")
     base = [a for a in base if not a.startswith("data.batch_size")]
-    two = [r + ["data.batch_size=4"] for r in AVERAGING_RUNS] + [["data.batch_size=2", "optim.accumulate=2"]]
+    two = ([r + ["data.batch_size=4"] for r in AVERAGING_RUNS]
+           + [["data.batch_size=2", "optim.accumulate=2"],
+              ["data.batch_size=2", "optim.accumulate=2", "dist.fsdp=true"]])  # FSDP: same update as DDP
     one = ([r + ["data.batch_size=8"] for r in AVERAGING_RUNS]
            + [["data.batch_size=4", "optim.accumulate=2"],  # accumulation x2 == the doubled batch
               ["data.batch_size=4"]])  # negative control: half the data must give other weights
@@ -89,8 +91,28 @@ def test_gradient_averaging_matches_one_process_with_the_doubled_batch(tmp_path)
     doubled = weights("d1", 0)
     assert max_diff(doubled, weights("d1", len(AVERAGING_RUNS))) < 1e-6, "accumulation x2 differs from the doubled batch"
     assert max_diff(doubled, weights("d2", len(AVERAGING_RUNS))) < 1e-6, "2 ranks x accumulation 2 differ"
+    assert max_diff(doubled, weights("d2", len(AVERAGING_RUNS) + 1)) < 1e-6, "FSDP differs from 1 process x 2B"
     # The check can fail: training on half of the data moves the weights measurably elsewhere.
     assert max_diff(doubled, weights("d1", len(AVERAGING_RUNS) + 1)) > 1e-5
+
+
+def test_fsdp_bf16_ranks_stay_identical_and_resume_exactly(tiny_shards, tmp_path):
+    """FSDP2 (sharded G and D, batch-norm G, bf16 autocast): identical ranks; resuming at step 2
+    from the full-state checkpoint gives exactly the weights of the uninterrupted run."""
+    args = tiny_args(tmp_path / "full", "dist.fsdp=true", "train.ckpt_every=2", source=tiny_shards)
+    full = launch(accelerate_cmd(2, HARNESS, args, mixed_precision="bf16"), {"DISTGAN_TEST_DUMP": str(tmp_path / "d_full")})
+    assert full.returncode == 0, tail(full)
+    dumps = read_dumps(tmp_path / "d_full")
+    assert [(i["backend"], i["mixed_precision"]) for _, i in dumps] == [("FSDPBackend", "bf16")] * 2
+    assert_ranks_identical(dumps)
+    resumed_args = [a for a in args if not a.startswith("train.run_dir")] + [
+        f"train.run_dir={tmp_path / 'resumed'}", f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step-000000002'}"]
+    resumed = launch(torchrun_cmd(2, HARNESS, resumed_args + ["dist.mixed_precision=bf16"]),
+                     {"DISTGAN_TEST_DUMP": str(tmp_path / "d_resumed")})
+    assert resumed.returncode == 0, tail(resumed)
+    again = read_dumps(tmp_path / "d_resumed")[0][0]
+    differ = [k for k in again if not torch.equal(again[k], dumps[0][0][k])]
+    assert not differ, f"resumed FSDP run differs in {differ[:5]}"
 
 
 def test_accelerate_cpu_flag_starting_one_process_is_an_error(tiny_shards, tmp_path):
@@ -145,8 +167,10 @@ def _train_in_notebook(overrides: dict) -> None:
 def test_compile_keeps_plain_state_dict_names(tiny_shards, tmp_path):
     """dist.compile=true trains, and checkpoints/EMA keep the eager module's names (no _orig_mod.)."""
     run = tmp_path / "compiled"
-    result = launch([sys.executable, str(TRAIN), *tiny_args(run, "dist.compile=true", "train.steps=1", source=tiny_shards)],
-                    timeout=400)
+    # aot_eager: dynamo + AOTAutograd as with inductor, without its ~40 s of code generation here.
+    result = launch([sys.executable, str(TRAIN), *tiny_args(run, "dist.compile=true", "train.steps=2", "loss.r1_gamma=0.5",
+                                                            "loss.r1_interval=2", source=tiny_shards)],
+                    {"DISTGAN_COMPILE_BACKEND": "aot_eager"}, timeout=400)
     assert result.returncode == 0, tail(result)
     ckpt = next((run / "checkpoints").glob("step-*"))
     for name in ("G", "D", "G_ema"):
@@ -163,11 +187,14 @@ def test_unsupported_combinations_are_refused_up_front():
         ("dist.backend=deepspeed", "dist.fsdp=true"): "use ZeRO instead",
         ("dist.backend=deepspeed", "dist.zero_stage=3"): "Use dist.zero_stage=2",
         ("dist.backend=deepspeed", "dist.compile=true"): "use dist.backend=accelerate",
+        ("dist.fsdp=true", "loss.r1_gamma=1"): "double backward",
+        ("dist.fsdp=true", "loss.objective=wgan-gp"): "double backward",
     }
     for overrides, hint in cases.items():
         with pytest.raises(ConfigError, match=hint):
             check_combination(load_config(None, list(overrides)), cuda=False)
-    check_combination(load_config(None, ["dist.backend=deepspeed", "dist.zero_stage=2", "dist.mixed_precision=bf16"]), cuda=False)
+    for ok in (["dist.backend=deepspeed", "dist.zero_stage=2", "dist.mixed_precision=bf16"], ["dist.fsdp=true"]):
+        check_combination(load_config(None, ok), cuda=False)
 
 
 def test_world_size_checks():
@@ -187,4 +214,3 @@ def test_world_size_checks():
     assert (both.rank, both.world_size, both.source) == (5, 8, "torchrun")
     # Inside the batch shell (no step), SLURM's task count is not this process's world.
     assert discover({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}).world_size == 1
-    assert REPO.is_dir()

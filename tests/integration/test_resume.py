@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,17 +23,17 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-from safetensors.torch import load_file
 
 from distgan.checkpoint import Checkpointer, verify
 from distgan.cli import train_command
 from distgan.config import load_config
 from distgan.train import run
+from tests.integration.ranks import free_port
+from tests.integration.resume_support import (NETS, assert_identical, ckpt, latest_step, make_shards, max_diff, wait_for,
+                                              weights)
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = Path(__file__).with_name("ranks.py")
@@ -44,20 +45,11 @@ BASE = {
     "logging.wandb": "off", "train.progress": False, "train.log_every": 2, "train.sample_every": 1000,
     "train.ckpt_every": 5, "train.signal_check_every": 1,
 }
-NETS = ("G", "D", "G_ema")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from distgan.data.shards import write_shards
-
-    root = tmp_path_factory.mktemp("resume-data")
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir()
-    for i in range(64):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i:03d}.png")
-    write_shards(str(root / "img"), root / "shards", resolution=16, channels=3, shard_size=16, workers=1, progress=False)
-    return root / "shards"
+    return make_shards(tmp_path_factory.mktemp("resume-data"))
 
 
 @pytest.fixture(autouse=True)
@@ -89,36 +81,6 @@ def cli(shards: Path, run_dir: Path, **kw):
     return result.exit_code, result.output  # stdout and stderr, as a user sees them
 
 
-def ckpt(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:09d}"
-
-
-def weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: load_file(str(path / f"{n}.safetensors")) for n in NETS}
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    diffs = [(wa[n][k].double() - wb[n][k].double()).abs().max().item() for n in NETS for k in wa[n]]
-    assert all(set(wa[n]) == set(wb[n]) for n in NETS)
-    return max(diffs)
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    for n in NETS:
-        for k in wa[n]:
-            assert torch.equal(wa[n][k], wb[n][k]), f"{n}.{k} differs between {a} and {b}"
-    for net in ("G", "D"):  # optimizer state too (Adam moments and step counts)
-        oa = torch.load(a / f"optim_{net}.pt", weights_only=True)["state"]
-        ob = torch.load(b / f"optim_{net}.pt", weights_only=True)["state"]
-        for i in oa:
-            for key in oa[i]:
-                assert torch.equal(oa[i][key], ob[i][key]), f"optim_{net} {i}.{key} differs"
-    sa, sb = (json.loads((p / "state.json").read_text()) for p in (a, b))
-    assert (sa["step"], sa["d_step"], sa["nimg"]) == (sb["step"], sb["d_step"], sb["nimg"])
-
-
 _REFS: dict[tuple, Path] = {}
 
 
@@ -132,27 +94,10 @@ def reference(shards: Path, tmp_path_factory, steps: int = N, **kw) -> Path:
     return _REFS[key]
 
 
-def latest_step(run_dir: Path) -> int:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    return int(pointer.read_text().split("-")[1]) if pointer.is_file() else -1
-
-
-def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"process ended (rc {proc.returncode}) while waiting for {what}:\n{out[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def ranks(n: int, pid_dir: Path, shards: Path, run_dir: Path, env: dict | None = None, **kw) -> subprocess.Popen:
     args = [f"{k}={v}" for k, v in overrides(shards, run_dir, dist__expect_world_size=n, **kw).items()]
     return subprocess.Popen([sys.executable, str(RANKS), str(n), str(pid_dir), "--", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "DISTGAN_NO_PROGRESS": "1", **(env or {})})
 
 
@@ -229,7 +174,7 @@ def test_accelerate_launch_forwards_sigterm_and_reports_failure(shards, tmp_path
     args = [f"{k}={v}" for k, v in overrides(shards, tmp_path, train__steps=400, dist__expect_world_size=2).items()]
     launcher = subprocess.Popen(
         [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "distgan/train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTGAN_NO_PROGRESS": "1"})
     wait_for(lambda: latest_step(tmp_path) >= 5, 180, "the first checkpoint", launcher)
@@ -243,14 +188,6 @@ def test_accelerate_launch_forwards_sigterm_and_reports_failure(shards, tmp_path
     assert "(SIGTERM)" in (tmp_path / "PREEMPT").read_text() and not (tmp_path / "DONE").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------- faults
 
 
@@ -259,9 +196,9 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(shards, tmp_path, tmp_pa
                  env={"DISTGAN_TEST_SLOW_SAVE": f"120@{N}"})
     partial = ckpt(tmp_path / "run", N).with_suffix(".tmp")
     wait_for(lambda: (partial / "state.json").is_file(), 120, "the half-written checkpoint", proc)
-    os.kill(int((tmp_path / "pids" / "rank-0.pid").read_text()), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process tree, as a node failure would
     rc, _ = finish(proc)
-    assert rc == 128 + signal.SIGKILL
+    assert rc == -signal.SIGKILL
     assert partial.is_dir() and not ckpt(tmp_path / "run", N).exists()
     assert Checkpointer(tmp_path / "run", _Main()).find_valid() == ckpt(tmp_path / "run", 5)
     # The resumed run continues from step 5, replaces the partial folder and ends exactly as
@@ -269,6 +206,24 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(shards, tmp_path, tmp_pa
     assert train(shards, tmp_path / "run", train__steps=N) == "done"
     assert not partial.exists()
     assert_identical(ckpt(tmp_path / "run", N), reference(shards, tmp_path_factory))
+
+
+def test_sigkill_at_random_moments_never_leaves_a_bad_latest(shards, tmp_path):
+    """Checkpoint every step and SIGKILL at random moments: whatever the moment, `latest` names a
+    complete checkpoint, every `step-*` folder verifies, and the next run resumes from `latest`."""
+    rng = random.Random(0)
+    run_dir, seen = tmp_path / "run", []
+    for attempt in range(3):
+        before = latest_step(run_dir)
+        proc = ranks(1, tmp_path / "pids", shards, run_dir, train__steps=400, train__ckpt_every=1, train__keep_ckpts=2)
+        wait_for(lambda: latest_step(run_dir) > before, 120, "a checkpoint", proc)
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process tree, as a node failure would
+        finish(proc)
+        seen.append(latest_step(run_dir))
+        assert verify(ckpt(run_dir, seen[-1])) is None
+        assert all(verify(p) is None for p in Checkpointer(run_dir, _Main()).completed())
+    assert seen == sorted(seen) and seen[0] > 0
 
 
 class _Main:
@@ -290,6 +245,25 @@ def test_corrupt_latest_falls_back_to_previous(shards, tmp_path, tmp_path_factor
     messages = " ".join(str(w.message) for w in caught)
     assert "G.safetensors does not match its checksum" in messages and "no manifest.json" in messages
     assert_identical(ckpt(tmp_path, N), reference(shards, tmp_path_factory))
+
+
+def test_best_slot_keeps_the_best_checkpoint_past_pruning(shards, tmp_path):
+    assert train(shards, tmp_path, train__steps=N, train__keep_ckpts=1) == "done"
+    ck = Checkpointer(tmp_path, _Main(), keep=1)
+    assert ck.best() is None
+    assert ck.save_best(12.5) is True  # default: the latest checkpoint (step 10)
+    assert ck.save_best(13.0, step=N) is False  # FID: lower is better
+    best = tmp_path / "checkpoints" / "best"
+    assert json.loads((best / "best.json").read_text()) == {
+        "metric": "fid", "value": 12.5, "lower_is_better": True, "checkpoint": ckpt(tmp_path, N).name, "step": N}
+    assert verify(best) is None
+    assert (best / "G.safetensors").stat().st_ino == (ckpt(tmp_path, N) / "G.safetensors").stat().st_ino  # a hard link
+    # Training on prunes step 10 (keep 1); the best slot stays complete and loadable.
+    assert train(shards, tmp_path, train__steps=N + 5, train__keep_ckpts=1) == "done"
+    assert not ckpt(tmp_path, N).exists() and verify(best) is None
+    assert ck.save_best(11.0, metric="fid") is True and ck.best()["step"] == N + 5
+    with pytest.raises(Exception, match="no checkpoint step-000000003"):
+        ck.save_best(1.0, step=3)
 
 
 def test_resume_errors_name_the_problem(shards, tmp_path):
@@ -316,6 +290,7 @@ def test_config_changes_on_resume(shards, tmp_path):
     assert cli(shards, tmp_path, train__steps=2)[0] == 0
     code, out = cli(shards, tmp_path, train__steps=3, model__g_width=16)
     assert code == 2 and "model.g_width: checkpoint has 8, config has 16" in out, out
+    assert "g_width: 8" in (tmp_path / "config.yaml").read_text()  # a refused resume changes nothing
     code, out = cli(shards, tmp_path, train__steps=3, loss__r1_gamma=0.0, optim__g_betas="[0.0,0.99]")
     assert code == 2 and "loss.r1_gamma" in out and "optim.g_betas" in out, out
     code, out = cli(shards, tmp_path, train__resume="none", train__steps=3)
@@ -348,6 +323,12 @@ def test_full_disk_stops_with_clear_message_and_last_checkpoint_intact(shards, t
     assert "Could not write checkpoint step-000000010" in out and "the disk is full" in out, out
     assert f"the previous checkpoint {ckpt(run_dir, 5)} is intact" in out
     assert verify(ckpt(run_dir, 5)) is None and not list((run_dir / "checkpoints").glob("*.tmp"))
+    # Full while writing something else (the sample grid at the last step): the same kind of message.
+    with open(tmpfs / "filler", "ab") as f:
+        f.write(b"\0" * (os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize - 8 * 1024))
+    code, out = cli(shards, run_dir, train__steps=6)
+    assert code == 1 and "No space left on device" in out and "Checkpoints already written are intact" in out, out
+    assert verify(ckpt(run_dir, 5)) is None
     # With space again the run continues from the intact checkpoint as if nothing happened.
     (tmpfs / "filler").unlink()
     assert train(shards, run_dir, train__steps=N) == "done"
