@@ -75,7 +75,7 @@ def train_command(config: str | None, dry_run: bool, help_config: bool, local_ra
 
 # Failures whose message is the whole story (no traceback for the user).
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_KNOWN_ERRORS = {"DataError", "CheckpointError", "NonFiniteLossError", "WorldSizeError", "EvalError"}
+_KNOWN_ERRORS = {"DataError", "CheckpointError", "NonFiniteLossError", "WorldSizeError", "EvalError", "PeerFailureError"}
 
 
 @main.command("sample")

@@ -153,8 +153,8 @@ def parse_accelerate_launch(argv: list[str]) -> int:
     """
     argv = [a for a in argv if a]
     try:
-        i = next(i for i, a in enumerate(argv) if a == "launch" and i > 0 and "accelerate" in argv[i - 1]
-                 or a == "launch" and i > 1 and argv[i - 2:i] == ["-m", "accelerate.commands.accelerate_cli"])
+        # `.../bin/accelerate launch` or `python -m accelerate.commands.accelerate_cli launch`
+        i = next(i for i, a in enumerate(argv) if a == "launch" and i > 0 and "accelerate" in argv[i - 1])
     except StopIteration:
         return 0
     launch_args: list[str] = []

@@ -52,7 +52,9 @@ class AccelerateBackend(Backend):
                 # long, instead of waiting forever (the default is 10-30 minutes).
                 InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
                 # D is frozen during the G phase, so its wrapper never sees unused parameters.
-                DistributedDataParallelKwargs(find_unused_parameters=False),
+                # Buffers (G's BatchNorm statistics) are broadcast once per iteration by the
+                # trainer (`broadcast_buffers`), not at every DDP forward.
+                DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False),
             ],
         )
         acc = self._accelerator
