@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from distgan.checkpoint import verify
 
@@ -32,16 +30,9 @@ TINY = ["data.resolution=16", "data.batch_size=4", "data.workers=1", "data.shuff
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from distgan.data.shards import write_shards
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir()
-    for i in range(64):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i:03d}.png")
-    write_shards(str(root / "img"), root / "shards", resolution=16, channels=3, shard_size=16, workers=1, progress=False)
-    return root / "shards"
+def shards(tiny_shards) -> Path:
+    """The suite's shared tiny dataset (tests/conftest.py)."""
+    return tiny_shards
 
 
 def job_env(run_dir: Path) -> dict[str, str]:
