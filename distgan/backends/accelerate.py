@@ -117,7 +117,7 @@ class AccelerateBackend(Backend):
     def backward(self, loss: torch.Tensor, net: str) -> None:
         self._accelerator.backward(loss)
 
-    def step(self, net: str, clip: float, manual_sync: bool) -> tuple[torch.Tensor, bool]:
+    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
         opt = self._opts[net]
         params = [p for p in self._plain[net].parameters() if p.grad is not None]
         if manual_sync:
@@ -128,12 +128,20 @@ class AccelerateBackend(Backend):
             # once, right before its step; AcceleratedOptimizer.step then calls scaler.step
             # (skips on inf/NaN) and scaler.update, so each phase is its own scaler iteration.
             scaler.unscale_(opt.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norm = None
+        if measure or clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True).detach()
+        if scaler is None:
+            # AcceleratedOptimizer.step only adds work here (it re-checks optional packages on
+            # every call, ~0.5 ms): with no scaler and no accumulation it is the plain step.
+            opt.optimizer.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         skipped = bool(scaler is not None and opt.step_was_skipped)
         self.skipped_steps += int(skipped)
-        return norm.detach(), skipped
+        return norm, skipped
 
     def zero_grad(self, net: str) -> None:
         self._opts[net].zero_grad(set_to_none=True)

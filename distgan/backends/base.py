@@ -79,11 +79,12 @@ class Backend(ABC):
         """Backpropagate `loss` into `net`'s gradients (scaled when fp16)."""
 
     @abstractmethod
-    def step(self, net: str, clip: float, manual_sync: bool) -> tuple[torch.Tensor, bool]:
+    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
         """All-reduce if `manual_sync`, unscale, clip (0 = no clipping), step, zero grads.
 
-        Returns the gradient norm before clipping (a device tensor: no host sync) and whether
-        the optimizer skipped the step (fp16 overflow).
+        Returns the gradient norm before clipping (a device tensor: no host sync; None when
+        neither `measure` nor clipping asked for it) and whether the optimizer skipped the step
+        (fp16 overflow).
         """
 
     def zero_grad(self, net: str) -> None:

@@ -200,7 +200,7 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor, net: str) -> None:
         self._engines[net].backward(loss, scale_wrt_gas=False)
 
-    def step(self, net: str, clip: float, manual_sync: bool) -> tuple[torch.Tensor, bool]:
+    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
         engine = self._engines[net]
         norm = None
         if self._own_sync:

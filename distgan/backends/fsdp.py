@@ -87,7 +87,7 @@ class FSDPBackend(AccelerateBackend):
     def backward(self, loss: torch.Tensor, net: str) -> None:
         loss.backward()
 
-    def step(self, net: str, clip: float, manual_sync: bool) -> tuple[torch.Tensor, bool]:
+    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
         opt = self._opts[net]
         params = [p for p in self._sharded[net].parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)

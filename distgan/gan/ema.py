@@ -60,12 +60,17 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
         return
     src_params = _by_name(model.named_parameters())
     src_buffers = _by_name(model.named_buffers())
+    targets, sources = [], []
     for name, p in ema.named_parameters():
         if name not in src_params:
             raise KeyError(f"update_ema: parameter {name!r} of the EMA model is missing from the model")
-        src = src_params[name].detach().to(device=p.device, dtype=p.dtype)
-        # (ema - model) * beta + model, written in place; equals model + (ema - model) * beta.
-        p.sub_(src).mul_(beta).add_(src)
+        targets.append(p)
+        sources.append(src_params[name].detach().to(device=p.device, dtype=p.dtype))
+    # (ema - model) * beta + model, in place and batched over all tensors (one kernel launch per
+    # op instead of three per parameter); equals model + (ema - model) * beta exactly.
+    torch._foreach_sub_(targets, sources)
+    torch._foreach_mul_(targets, beta)
+    torch._foreach_add_(targets, sources)
     for name, b in ema.named_buffers():
         if name not in src_buffers:
             raise KeyError(f"update_ema: buffer {name!r} of the EMA model is missing from the model")
