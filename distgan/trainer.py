@@ -23,6 +23,7 @@ from distgan.backends import Backend
 from distgan.checkpoint import (Checkpointer, TrainState, check_resume_compatible, read_config, resolve_checkpoint,
                                 set_rng_state)
 from distgan.checkpoint_io import isolated_rng
+from distgan.data.prefetch import Prefetcher
 from distgan.config import Config
 from distgan.preemption import PreemptionWatch, signals_blocked
 from distgan.gan.ema import ema_beta, make_ema, update_ema
@@ -89,6 +90,7 @@ class Trainer:
         self._first_bad = torch.full((), -1, dtype=torch.long, device=backend.device)
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
+        self._data: Prefetcher | None = None
         self.images_per_step = cfg.data.batch_size * cfg.optim.accumulate * backend.world_size
         n_samples, self.sample_nrow = grid_layout(64, self.num_classes)  # one row per class when conditional
         self.sample_z, self.sample_c = fixed_latents(n_samples, G.z_dim, self.num_classes, cfg.train.seed, backend.device)
@@ -128,7 +130,7 @@ class Trainer:
         cfg, b, st = self.cfg, self.backend, self.state
         self.tracker = self._tracker_cls(cfg, self.run_dir, b.is_main, run_id=st.wandb_id)
         st.wandb_id = self.tracker.run_id
-        data = iter(self.stream)
+        data = self._data = Prefetcher(self.stream)
         if self._resume_rng is not None:
             # Applied here, after the setup above, so the next step draws exactly the random
             # numbers it would have drawn in an uninterrupted run.
@@ -166,6 +168,7 @@ class Trainer:
                     log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
                     break
         finally:
+            self._data.close()
             bar.close()
             self.tracker.finish()
             if status != "preempted":
@@ -195,12 +198,7 @@ class Trainer:
         update_ema(self.G_ema, self.backend.module("G"), beta)
 
     def _next_batch(self, data):
-        # The data loader draws its worker seed from the global torch RNG when its iterator
-        # starts: keep that out of the training RNG stream, or a resumed run (whose loader
-        # starts mid-run) would draw different latents than an uninterrupted one. Workers start
-        # with SIGTERM/SIGUSR1 blocked, so a preemption signal reaches only the rank.
-        with isolated_rng(), signals_blocked():
-            images, labels = next(data)
+        images, labels = next(data)
         device = self.backend.device
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
         return images.to(device, non_blocking=True), labels
@@ -296,7 +294,8 @@ class Trainer:
 
     def save(self) -> Path:
         self._saved_step = self.state.step
-        data_state = self.stream.state_dict()
+        # The position after the last batch the loop consumed (the prefetcher reads ahead).
+        data_state = self._data.state if self._data is not None else self.stream.state_dict()
         return self.checkpointer.save(self.state, self.G_ema, self.cfg.to_dict(), data_state)
 
 
