@@ -19,11 +19,12 @@ if __package__ in (None, ""):
 import logging
 import os
 import random
+import types
 
 import numpy as np
 import torch
 
-from distgan.config import Config, load_config
+from distgan.config import Config, load_config, parse_override
 
 log = logging.getLogger("distgan")
 
@@ -110,5 +111,29 @@ def load_from_args(config: str | None, overrides: tuple[str, ...]) -> Config:
     return load_config(path, list(overrides))
 
 
+def train_api(config=None, overrides=None) -> Path:
+    """`distgan.train(...)`: see distgan/__init__.py."""
+    if isinstance(config, Config):
+        flat = {f"{s}.{k}": v for s, sec in config.to_dict().items() for k, v in sec.items()}
+        extra = dict(parse_override(o) for o in overrides) if isinstance(overrides, list) else dict(overrides or {})
+        cfg = load_config(None, {**flat, **extra})  # re-validated, and the caller's Config stays untouched
+    else:
+        path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = load_config(path, overrides)
+    run(cfg)
+    return cfg.run_dir
+
+
+class _CallableModule(types.ModuleType):
+    """`distgan.train` names both this module (the script `accelerate launch distgan/train.py`)
+    and the Python API function. Importing a submodule rebinds the package attribute of the same
+    name to the module, so, whatever the import order, the module itself calls the API."""
+
+    def __call__(self, config=None, overrides=None) -> Path:
+        return train_api(config, overrides)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableModule

@@ -105,3 +105,15 @@ def test_every_command_help_has_an_example():
         out = subprocess.run([sys.executable, "-m", "distgan.cli", *cmd, "--help"], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0, out.stderr
         assert "Example" in out.stdout, cmd
+
+
+def test_python_api_is_callable_whatever_the_import_order(tiny_shards, tmp_path):
+    import distgan
+    import distgan.train  # noqa: F401 - importing the submodule rebinds the package attribute
+    from distgan.config import load_config
+    from distgan.tracking import read_metrics
+
+    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path / "api"))
+    run_dir = distgan.train(cfg, {"train.steps": 2, "train.log_every": 1})
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
+    assert cfg.train.steps == 6  # the caller's Config is not modified
