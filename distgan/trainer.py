@@ -11,7 +11,6 @@ on the accelerator except where it must (fp16 overflow checks, preemption polls)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -313,8 +312,3 @@ def _postfix(row: dict[str, float]) -> str:
             parts.append(f"{key.split('/')[0][0]} {row[key]:.3f}")
     return ", ".join(parts)
 
-
-def dump_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
