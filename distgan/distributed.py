@@ -222,11 +222,6 @@ def check_world_size(expected: int, actual: int) -> None:
                              f"every process would train alone on the full data.{hint}")
 
 
-def launched_world_size() -> int:
-    """World size the launcher announced through the environment (1 when not launched)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 # ---------------------------------------------------------------------------- failures
 
 _FAIL_KEY = "distgan/failed/"

@@ -6,12 +6,13 @@ matplotlib is imported only here, with the Agg backend (no display needed on a c
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+
+from distgan.tracking import read_metrics
 
 
 class ReportError(ValueError):
@@ -34,16 +35,7 @@ def load_rows(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{run} has no metrics.jsonl: is it a distgan run folder (train.run_dir)?")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A writer killed mid-line leaves a torn line (the resumed run appends to it): skip it.
-            click.echo(f"distgan report: skipping unreadable line {i} of {path}", err=True)
-    return clean_rows(rows)
+    return clean_rows(read_metrics(run))
 
 
 def series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:

@@ -9,7 +9,7 @@ import torch
 
 from distgan.checkpoint import load_weights, resolve_checkpoint
 from distgan.config import Config, load_config
-from distgan.samples import fixed_latents, generate, save_grid, to_uint8
+from distgan.samples import fixed_latents, generate, grid_layout, save_grid, to_uint8
 
 
 def load_generator(ckpt: str | Path, raw: bool = False, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
@@ -31,7 +31,7 @@ def sample_to(ckpt: str | Path, n: int, out: str | Path, seed: int = 0, class_in
     from PIL import Image
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    G, cfg, extra = load_generator(ckpt, raw=raw, device=device)
+    G, _, _ = load_generator(ckpt, raw=raw, device=device)
     z, c = fixed_latents(n, G.z_dim, G.num_classes, seed, device)
     if class_index is not None:
         if not G.num_classes:
@@ -42,7 +42,8 @@ def sample_to(ckpt: str | Path, n: int, out: str | Path, seed: int = 0, class_in
     images = generate(G, z, c)
     out = Path(out)
     if out.suffix.lower() == ".png":
-        per_row = max(1, n // G.num_classes) if (G.num_classes and class_index is None and n >= G.num_classes) else None
+        # One row per class (as in training grids) unless a single class was asked for.
+        _, per_row = grid_layout(n, G.num_classes if class_index is None else 0)
         return save_grid(images, out, nrow=per_row)
     out.mkdir(parents=True, exist_ok=True)
     for i, arr in enumerate(to_uint8(images)):

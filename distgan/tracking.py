@@ -25,6 +25,7 @@ import netrc
 import os
 import secrets
 import string
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -190,4 +191,13 @@ def _clean(value: Any) -> Any:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Rows of `metrics.jsonl` as written (a resumed run may repeat steps; see `report.clean_rows`)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A writer killed mid-line leaves a torn line (the resumed run appends to it): skip it.
+            warnings.warn(f"skipping unreadable line {i} of {path}", stacklevel=2)
+    return rows

@@ -107,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_from_args(config: str | None, overrides: tuple[str, ...]) -> Config:
     """--config F (else configs/default.yaml when present) plus overrides."""
-    path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return load_config(path, list(overrides))
+    return load_config(_recipe(config), list(overrides))
+
+
+def _recipe(config: str | Path | None) -> str | Path | None:
+    """The given YAML recipe, else configs/default.yaml when it exists (a source checkout)."""
+    return config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
 
 
 def train_api(config=None, overrides=None) -> Path:
@@ -118,8 +122,7 @@ def train_api(config=None, overrides=None) -> Path:
         extra = dict(parse_override(o) for o in overrides) if isinstance(overrides, list) else dict(overrides or {})
         cfg = load_config(None, {**flat, **extra})  # re-validated, and the caller's Config stays untouched
     else:
-        path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-        cfg = load_config(path, overrides)
+        cfg = load_config(_recipe(config), overrides)
     run(cfg)
     return cfg.run_dir
 

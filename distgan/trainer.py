@@ -183,14 +183,14 @@ class Trainer:
         cfg, st = self.cfg, self.state
         accum = cfg.optim.accumulate
         batches: list = []
-        for phase in self.phases:
+        for index, phase in enumerate(self.phases):
             if phase.name == "Dmain":
                 batches = [self._next_batch(data) for _ in range(accum)]
                 st.nimg += self.images_per_step
                 st.d_step += 1
             elif phase.name == "Dreg" and not phase.due(st.d_step - 1):
                 continue  # lazy regularization: only every `interval`-th D step, on that step's batch
-            self._run_phase(phase, batches if phase.net == "D" else [(None, None)] * accum)
+            self._run_phase(index, phase, batches if phase.net == "D" else [(None, None)] * accum)
         # BatchNorm running stats drift apart per rank; rank 0's win before the EMA copies them.
         self.backend.broadcast_buffers("G")
         beta = ema_beta(self.images_per_step, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup, st.nimg)
@@ -202,7 +202,7 @@ class Trainer:
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
         return images.to(device, non_blocking=True), labels
 
-    def _run_phase(self, phase: Phase, batches: list) -> None:
+    def _run_phase(self, index: int, phase: Phase, batches: list) -> None:
         b, cfg = self.backend, self.cfg
         scale = 1.0 / len(batches)
         stats: dict[str, torch.Tensor] = {}
@@ -219,7 +219,7 @@ class Trainer:
                 self.meter.add("train", {"nonfinite_skips": torch.ones((), device=b.device)})
                 log.warning("Non-finite %s loss at step %d: update skipped (train.on_nonfinite=skip).", phase.name, self.state.step + 1)
                 return
-            code = self.state.step * len(self.phases) + self.phases.index(phase)
+            code = self.state.step * len(self.phases) + index  # decoded by check_finite
             self._first_bad = torch.where(bad & (self._first_bad < 0), code, self._first_bad)
             # The gradient norm costs a pass over all gradients: measured on log steps only
             # (it is logged as the value at that step), unless clipping needs it anyway.

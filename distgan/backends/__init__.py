@@ -9,14 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
-from distgan.backends.base import Backend
+from distgan.backends.base import Backend, env_flag, resolve_precision, use_cpu
 from distgan.config import Config, ConfigError
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _launcher_zero_stage() -> str:
@@ -34,8 +28,8 @@ def _launcher_zero_stage() -> str:
 def check_combination(cfg: Config, cuda: bool | None = None) -> None:
     """Raise ConfigError for a dist/loss combination that cannot work on this machine."""
     d = cfg.dist
-    cuda = torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU") if cuda is None else cuda
-    precision = d.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    cuda = not use_cpu() if cuda is None else cuda
+    precision = resolve_precision(cfg)
     double_backward = cfg.loss.r1_gamma > 0 or cfg.loss.objective == "wgan-gp"
     if precision == "fp16" and not cuda:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU (no fp16 loss scaling on CPU); "
@@ -51,7 +45,7 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
         if d.compile:
             raise ConfigError("dist.compile=true is not supported with dist.backend=deepspeed; use dist.backend=accelerate "
                               "for torch.compile.")
-        if _env_flag("ACCELERATE_USE_FSDP"):
+        if env_flag("ACCELERATE_USE_FSDP"):
             raise ConfigError("accelerate launch was given an FSDP config but dist.backend=deepspeed; use an FSDP "
                               "config with dist.backend=accelerate dist.fsdp=true, or a DeepSpeed config.")
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
@@ -59,11 +53,11 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
             raise ConfigError(f"accelerate launch was given ZeRO stage {stage} but dist.zero_stage={d.zero_stage}; "
                               f"pass dist.zero_stage={stage} (distgan builds the DeepSpeed engines itself).")
         return
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
         stage = _launcher_zero_stage()
         raise ConfigError("accelerate launch was given a DeepSpeed config but dist.backend=accelerate; add "
                           f"dist.backend=deepspeed dist.zero_stage={stage} (distgan runs one DeepSpeed engine per network).")
-    if _env_flag("ACCELERATE_USE_FSDP") and not d.fsdp:
+    if env_flag("ACCELERATE_USE_FSDP") and not d.fsdp:
         raise ConfigError("accelerate launch was given an FSDP config; add dist.fsdp=true (or launch without FSDP).")
     if d.fsdp:
         if precision == "fp16":

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from typing import Callable
 
 import torch
 from torch import nn
 
-from distgan.backends.base import NETS, Backend
+from distgan.backends.base import NETS, Backend, resolve_precision, use_cpu
 from distgan.config import Config
 from distgan.distributed import WorldSizeError, discover, export_env
 
-log = logging.getLogger("distgan")
-
-
-def _use_cpu() -> bool:
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
 class AccelerateBackend(Backend):
@@ -43,10 +37,9 @@ class AccelerateBackend(Backend):
         if info.source in ("slurm", "mpi"):
             export_env(info)  # srun/mpirun with one task per process: speak torchrun's variables
         self.cfg = cfg
-        precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         self._accelerator = Accelerator(
-            mixed_precision=precision,
-            cpu=_use_cpu(),
+            mixed_precision=resolve_precision(cfg),
+            cpu=use_cpu(),
             kwargs_handlers=[
                 # A dead or hung rank makes the others fail at their next collective after this
                 # long, instead of waiting forever (the default is 10-30 minutes).
@@ -72,10 +65,6 @@ class AccelerateBackend(Backend):
         self._compiled_raw: dict[str, Callable] = {}
         self._opts: dict = {}
         self.skipped_steps = 0
-
-    @property
-    def accelerator(self):
-        return self._accelerator
 
     def prepare(self, G, D, opt_G, opt_D) -> None:
         self._plain = {"G": G, "D": D}

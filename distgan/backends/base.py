@@ -15,6 +15,7 @@ interface names each of them instead of hiding them:
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator
 
@@ -22,6 +23,21 @@ import torch
 from torch import nn
 
 NETS = ("G", "D")
+
+
+def env_flag(name: str) -> bool:
+    """An accelerate-style boolean environment variable ("1", "true", "yes")."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def use_cpu() -> bool:
+    """Train on the CPU: no GPU here, or `ACCELERATE_USE_CPU=1` on a machine that has one."""
+    return env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def resolve_precision(cfg) -> str:
+    """`dist.mixed_precision`, else what `accelerate launch --mixed_precision` was given, else "no"."""
+    return cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 class Backend(ABC):

@@ -1,4 +1,5 @@
-"""DeepSpeed backend: one engine per network (ZeRO stage 0, 1 or 2), fp32 or bf16.
+"""DeepSpeed backend: one engine per network (ZeRO stage 0, 1 or 2), fp32, bf16 or fp16
+(fp16 on GPUs only, with DeepSpeed's own loss scaler; untested here, no GPU was available).
 
 The route DeepSpeed's GAN tutorial takes, with what was found to work on this stack:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -35,11 +35,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distgan.backends.base import NETS, Backend
+from distgan.backends.base import NETS, Backend, resolve_precision, use_cpu
 from distgan.config import Config, ConfigError
 from distgan.distributed import WorldSizeError, discover, export_env
 
-log = logging.getLogger("distgan")
 
 DS_TAG = "state"
 
@@ -80,7 +79,7 @@ def user_config(cfg: Config) -> dict:
         if zero.get(key, {}).get("device", "none") != "none":
             raise ConfigError(f"{path}: zero_optimization.{key} is not supported (it needs DeepSpeed's CPU Adam, "
                               "distgan passes torch Adam); remove it.")
-    precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = resolve_precision(cfg)
     for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
         enabled = data.get(key, {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (precision == name):
@@ -97,9 +96,9 @@ def _merge(base: dict, ours: dict) -> dict:
     return out
 
 
-def ds_config(cfg: Config, world_size: int, bf16: bool, cpu: bool) -> dict:
+def ds_config(cfg: Config, world_size: int, precision: str, cpu: bool) -> dict:
     """The DeepSpeed config of both engines (the same for G and D)."""
-    stage = cfg.dist.zero_stage
+    stage, bf16 = cfg.dist.zero_stage, precision == "bf16"
     ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accumulate,
@@ -108,7 +107,7 @@ def ds_config(cfg: Config, world_size: int, bf16: bool, cpu: bool) -> dict:
         "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
-        "fp16": {"enabled": cfg.dist.mixed_precision == "fp16"},
+        "fp16": {"enabled": precision == "fp16"},
         # Clipping by DeepSpeed, except at stage 0 in fp32 where this backend clips (see step).
         "gradient_clipping": cfg.optim.grad_clip if stage > 0 or bf16 else 0.0,
         "steps_per_print": 10**12,
@@ -120,7 +119,7 @@ def ds_config(cfg: Config, world_size: int, bf16: bool, cpu: bool) -> dict:
     if stage > 0:
         zero = base.get("zero_optimization", {})
         # Overlapping the reduction with the backward only pays on GPUs (side streams).
-        ours["zero_optimization"].update({"overlap_comm": zero.get("overlap_comm", not cpu) if not cpu else False,
+        ours["zero_optimization"].update({"overlap_comm": False if cpu else zero.get("overlap_comm", True),
                                           "contiguous_gradients": zero.get("contiguous_gradients", True)})
     return _merge(base, ours)
 
@@ -129,8 +128,8 @@ class DeepSpeedBackend(Backend):
     def __init__(self, cfg: Config):
         self.cfg = cfg
         info = export_env(discover(), single_free_port=True)  # deepspeed always opens a process group
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-        self.mixed_precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        cpu = use_cpu()
+        self.mixed_precision = resolve_precision(cfg)
         if cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed is imported
         import deepspeed  # imported here: 1-2 s, and only this backend needs it
@@ -149,7 +148,7 @@ class DeepSpeedBackend(Backend):
             raise WorldSizeError(f"the launcher announced {info.world_size} processes, the process group has {self.world_size}")
         self._bf16 = self.mixed_precision == "bf16"
         self._dtype = torch.bfloat16 if self._bf16 else torch.float16 if self.mixed_precision == "fp16" else None
-        self._config = ds_config(cfg, self.world_size, self._bf16, cpu)
+        self._config = ds_config(cfg, self.world_size, self.mixed_precision, cpu)
         # fp32 stage 0: this backend all-reduces and clips itself, so that it knows the norm.
         self._own_sync = cfg.dist.zero_stage == 0 and self._dtype is None
         self._engines: dict = {}
@@ -206,11 +205,12 @@ class DeepSpeedBackend(Backend):
         if self._own_sync:
             params = [p for p in engine.module.parameters() if p.grad is not None]
             self.manual_all_reduce_grads(params)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True).detach()
+            if measure or clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True).detach()
         engine.step()
         skipped = not engine.was_step_applied()
         self.skipped_steps += int(skipped)
-        if norm is None:
+        if norm is None and measure:
             value = engine.get_global_grad_norm()
             norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32, device=self.device)
         return norm, skipped

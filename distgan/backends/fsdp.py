@@ -90,16 +90,14 @@ class FSDPBackend(AccelerateBackend):
     def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
         opt = self._opts[net]
         params = [p for p in self._sharded[net].parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = None
+        if measure or clip > 0:  # a collective over the shards: every rank gets the same `measure`
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
         self._refresh(net)
-        return norm.detach(), False
-
-    def zero_grad(self, net: str) -> None:
-        self._opts[net].zero_grad(set_to_none=True)
+        return norm, False
 
     @torch.no_grad()
     def _refresh(self, net: str, params: bool = True) -> None:

@@ -42,7 +42,7 @@ from distgan.data.decode import FILTERS, fit, open_image, to_channels
 MANIFEST = "dataset.json"
 SKIPPED = "skipped.txt"
 FORMAT_VERSION = 1
-FORMATS = {"png": "png", "jpg": "jpg", "webp": "webp"}
+FORMATS = ("png", "jpg", "webp")
 
 
 class ShardsError(ValueError):
@@ -262,7 +262,7 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
     _prepare_out(out, overwrite, prefix)
     convert = partial(_convert, resolution=resolution, channels=channels, crop=crop, resize_filter=resize_filter,
                       fmt=fmt)
-    writer = _ShardWriter(out, prefix, shard_size, FORMATS[fmt])
+    writer = _ShardWriter(out, prefix, shard_size, fmt)
     skipped = list(src.skipped)
     from tqdm import tqdm
 

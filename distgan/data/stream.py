@@ -175,12 +175,12 @@ class _Ctx:
 class _ShardDataset(IterableDataset):
     """Runs in each DataLoader worker: yields (images, labels, meta) batches of one rank's epoch."""
 
-    def __init__(self, shards: ShardSet, cfg: Any, seed: int, rank: int, world: int, workers: int, batches: int,
+    def __init__(self, shards: ShardSet, cfg: Any, seed: int, rank: int, workers: int, batches: int,
                  shared: Any):
         self.urls, self.counts = shards.urls, shards.counts
         self.res, self.ch, self.bs = cfg.resolution, cfg.channels, cfg.batch_size
         self.hflip, self.buf, self.resampled = cfg.hflip, cfg.shuffle_buffer, cfg.resampled
-        self.seed, self.rank, self.world, self.workers, self.batches = seed, rank, world, workers, batches
+        self.seed, self.rank, self.workers, self.batches = seed, rank, workers, batches
         self.shared = shared  # [epoch, batches already consumed]: read when each epoch starts
         self.warned = False
 
@@ -296,7 +296,7 @@ class ImageStream:
         self._max_skip_fraction = cfg.max_skip_fraction
         self._max_skip = cfg.max_skip_fraction * self.batches_per_epoch * cfg.batch_size
         self._shared = multiprocessing.Array("q", 2, lock=False)  # inherited by the (persistent) workers
-        dataset = _ShardDataset(shards, cfg, seed, rank, world_size, self.workers, self.batches_per_epoch,
+        dataset = _ShardDataset(shards, cfg, seed, rank, self.workers, self.batches_per_epoch,
                                 self._shared)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                   persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
@@ -304,7 +304,6 @@ class ImageStream:
                                   generator=torch.Generator().manual_seed(seed))  # leave the global RNG alone
         self._epoch = self._consumed = self._skipped = self._epoch_skipped = self._generation = self._logged = 0
         self._bad_shards: Counter[str] = Counter()
-        self.skip_events: list[tuple[str, str, str, int]] = []  # most recent 100 (shard, key, reason, count)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -334,7 +333,6 @@ class ImageStream:
             self._skipped += count
             self._epoch_skipped += count
             self._bad_shards[shard] += count
-            self.skip_events = (self.skip_events + [(shard, key, reason, count)])[-100:]
             self._logged += 1
             if self._logged <= 50:  # a shard full of bad files must not flood the log
                 log.warning("skipped %d sample(s) of %s at %s: %s%s", count, shard, key, reason,
