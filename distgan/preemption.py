@@ -87,8 +87,10 @@ class PreemptionWatch:
         if step % self.every:
             return False
         local = self.signalled or self.file.exists()
-        flag = torch.tensor(float(local), device=self.backend.device)
-        agreed = self.backend.all_reduce_max(flag).item() > 0
+        agreed = local
+        if self.backend.world_size > 1:  # one small all-reduce (and host sync) only when there are peers
+            flag = torch.tensor(float(local), device=self.backend.device)
+            agreed = self.backend.all_reduce_max(flag).item() > 0
         if local:
             why = f"received {self.signal_name}" if self.signalled else f"found {self.file}"
             log.warning("Rank %d %s: checkpointing at step %d, then exiting for a requeue.", self.backend.rank, why, step)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 
-from distgan.backends.base import Backend, env_flag, resolve_precision, use_cpu
-from distgan.config import Config, ConfigError
+from distgan.backends.accelerate import AccelerateBackend
+from distgan.backends.base import AdamSpec, Backend, PhaseHandle, StepReport, env_flag, resolve_precision, use_cpu
+from distgan.backends.deepspeed import DeepSpeedBackend
+from distgan.backends.fsdp import FSDPBackend
+from distgan.config import Config
+from distgan.errors import ConfigError
 
 
 def _launcher_zero_stage() -> str:
@@ -71,19 +75,13 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
 
 
 def build_backend(cfg: Config) -> Backend:
-    """Create the backend named by `dist.backend` (imports heavy packages only when used)."""
+    """Create the backend named by `dist.backend` (DeepSpeed itself is imported only by its backend)."""
     check_combination(cfg)
     if cfg.dist.backend == "deepspeed":
-        from distgan.backends.deepspeed import DeepSpeedBackend
-
         return DeepSpeedBackend(cfg)
     if cfg.dist.fsdp:
-        from distgan.backends.fsdp import FSDPBackend
-
         return FSDPBackend(cfg)
-    from distgan.backends.accelerate import AccelerateBackend
-
     return AccelerateBackend(cfg)
 
 
-__all__ = ["Backend", "build_backend", "check_combination"]
+__all__ = ["AdamSpec", "Backend", "PhaseHandle", "StepReport", "build_backend", "check_combination"]

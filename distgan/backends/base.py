@@ -1,15 +1,17 @@
 """The one interface the trainer drives; it never asks which backend is underneath.
 
-A GAN breaks the usual one-model assumptions of DDP/FSDP/DeepSpeed in three places, and the
-interface names each of them instead of hiding them:
+A backend wraps G, D and their optimizers for one distributed / mixed-precision setup, and hands
+out one `PhaseHandle` per phase of the GAN schedule. The handle owns everything distribution
+needs for that phase, so that the trainer and the objective stay single-device code:
 
-* two networks with two optimizers, trained in alternating phases (`backward(loss, net)`,
-  `step(net)` take the network's name, "G" or "D");
-* the G phase runs *through* D without training it: `forward_fns(...)` hands out the frozen
-  raw module for the network not being trained, so no gradient sync is triggered for it;
-* R1 / gradient penalties need a double backward, which DDP's reducer does not support
-  reliably [pytorch #47562]: a phase marked `manual_sync` calls the raw module and the backend
-  all-reduces the gradients itself right before the step (as stylegan3 does).
+* which callables run G and D: the trained network through its wrapper (DDP, engine, FSDP), the
+  other one frozen and raw, so that it triggers no gradient sync;
+* gradient sync, including the hand all-reduce that a double backward (R1, gradient penalty)
+  needs: DDP's reducer does not support `autograd.grad(create_graph=True)` [pytorch #47562], so
+  such a phase calls the raw module and the handle averages its gradients itself before the
+  step (as stylegan3 does);
+* `no_sync` for accumulation micro-batches, loss scaling, clipping, the optimizer step, and the
+  report of a step that fp16 skipped.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from distgan.gan.phases import Phase
+
 NETS = ("G", "D")
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it costs nothing
 
 
 def env_flag(name: str) -> bool:
@@ -40,6 +47,103 @@ def resolve_precision(cfg) -> str:
     return cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
+@dataclass(frozen=True)
+class AdamSpec:
+    """How to build one network's optimizer; the backend builds it, once, on the parameters it
+    trains (sharded ones under FSDP)."""
+
+    lr: float
+    betas: tuple[float, float]
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+
+
+@dataclass
+class StepReport:
+    grad_norm: torch.Tensor | None
+    """Gradient norm before clipping, on the device (no host sync); None when not measured."""
+    skipped: bool
+    """The optimizer skipped this step (fp16 overflow)."""
+
+
+class PhaseHandle:
+    """Distribution for one phase: enter it, run forward/backward per micro-batch, then `step`.
+
+    This base serves a single process with plain modules; backends override what differs.
+    """
+
+    def __init__(self, backend: "Backend", phase: Phase, G: Callable, D: Callable):
+        self.backend, self.phase, self.net = backend, phase, phase.net
+        self.G, self.D = G, D
+        """Callables for this phase: the trained network's (wrapped) forward, the other's raw one."""
+        self.params = [p for p in backend.module(phase.net).parameters()]
+        self.clip = backend.grad_clip
+        self.autocast = backend.autocast
+
+    def __enter__(self) -> "PhaseHandle":
+        self.backend.train_only(self.net)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward: all but the last skip gradient sync."""
+        return _NO_CONTEXT
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _unscale(self) -> None:
+        """Undo loss scaling on this network's gradients (fp16 only)."""
+
+    def _sync_and_norm(self, measure: bool) -> torch.Tensor | None:
+        """Hand all-reduce for double-backward phases, unscale, then the norm (clipping when asked)."""
+        if self.phase.double_backward:
+            self.backend.all_reduce_grads(self.params)
+        self._unscale()
+        return self._norm(measure)
+
+    def _norm(self, measure: bool) -> torch.Tensor | None:
+        """The gradient norm before clipping (clipped in place when `optim.grad_clip` > 0)."""
+        if measure or self.clip > 0:
+            max_norm = self.clip if self.clip > 0 else float("inf")
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True).detach()
+        return None
+
+    def step(self, measure: bool) -> StepReport:
+        """Sync, clip, step and zero the trained network's gradients; `measure` asks for the norm."""
+        norm = self._sync_and_norm(measure)
+        opt = self.backend.optimizer(self.net)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return StepReport(norm, False)
+
+    def discard(self) -> None:
+        """Drop the accumulated gradients without stepping (a skipped non-finite update)."""
+        self.backend.optimizer(self.net).zero_grad(set_to_none=True)
+
+
+class ReplicatedOptimizers:
+    """Optimizer state that every rank holds whole: the main process writes `optim_<net>.pt`."""
+
+    def __init__(self, backend: "Backend"):
+        self.backend = backend
+
+    def save(self, folder: Path) -> None:
+        if self.backend.is_main:
+            for net in NETS:
+                torch.save(self.backend.optimizer(net).state_dict(), Path(folder) / f"optim_{net}.pt")
+
+    def load(self, folder: Path) -> None:
+        for net in NETS:
+            # "cpu" rather than the device: torch cannot map to "cpu:0"; load_state_dict moves state to the params.
+            # weights_only: a checkpoint never executes pickled code when loaded.
+            state = torch.load(Path(folder) / f"optim_{net}.pt", map_location="cpu", weights_only=True)
+            self.backend.optimizer(net).load_state_dict(state)
+
+
 class Backend(ABC):
     """Wraps G, D and their optimizers for one distributed/mixed-precision setup."""
 
@@ -48,6 +152,15 @@ class Backend(ABC):
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mixed_precision: str = "no"
+    grad_clip: float = 0.0
+
+    def __init__(self) -> None:
+        self.skipped_steps = 0
+        """Optimizer steps that fp16 loss scaling skipped (saved with the checkpoint)."""
+        self.optimizer_state: Any = ReplicatedOptimizers(self)
+        """Checkpoint part (`save(folder)` / `load(folder)`, a collective) holding the optimizers."""
+        self._trainable: str | None = None
+        self._handles: dict[Phase, PhaseHandle] = {}
 
     @property
     def is_main(self) -> bool:
@@ -55,57 +168,42 @@ class Backend(ABC):
 
     # -- setup
     @abstractmethod
-    def prepare(self, G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer) -> None:
-        """Wrap both networks and both optimizers (called once, on every rank)."""
+    def setup(self, G: nn.Module, D: nn.Module, optim: dict[str, AdamSpec]) -> None:
+        """Wrap both networks and build both optimizers (once, on every rank)."""
 
     @abstractmethod
     def module(self, net: str) -> nn.Module:
-        """The plain nn.Module of `net` (no DDP/engine wrapper), for EMA, sampling and saving."""
+        """The plain nn.Module of `net` with full weights, for EMA, sampling and saving."""
 
     @abstractmethod
     def optimizer(self, net: str) -> torch.optim.Optimizer:
         """The torch optimizer of `net` (unwrapped), for learning rates and state."""
 
-    # -- one phase
     @abstractmethod
-    def forward_fns(self, trained: str, manual_sync: bool) -> dict[str, Callable[..., torch.Tensor]]:
-        """Callables for "G" and "D" during a phase that trains `trained`."""
+    def _make_handle(self, phase: Phase) -> PhaseHandle: ...
 
-    @contextlib.contextmanager
-    def phase(self, trained: str) -> Iterator[None]:
-        """Only `trained` requires grad inside; the other network is frozen (no grads, no sync)."""
-        other = self.module("D" if trained == "G" else "G")
-        mine = self.module(trained)
-        other.requires_grad_(False)
-        mine.requires_grad_(True)
-        try:
-            yield
-        finally:
-            other.requires_grad_(True)
+    def phase_handle(self, phase: Phase) -> PhaseHandle:
+        """The handle of `phase`, built on first use and reused (no per-step set-up cost)."""
+        handle = self._handles.get(phase)
+        if handle is None:
+            handle = self._handles[phase] = self._make_handle(phase)
+        return handle
 
-    def no_sync(self, net: str) -> contextlib.AbstractContextManager:
-        """Skip gradient all-reduce for this backward (accumulation micro-steps)."""
-        return contextlib.nullcontext()
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        """The modules whose requires_grad decides which network trains."""
+        return {net: self.module(net) for net in NETS}
+
+    def train_only(self, net: str) -> None:
+        """`net` requires grad, the other network not (no gradients, no sync for it). Switched only
+        when the trained network changes: consecutive D phases pay nothing."""
+        if self._trainable == net:
+            return
+        for name, module in self._frozen_modules().items():
+            module.requires_grad_(name == net)
+        self._trainable = net
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    @abstractmethod
-    def backward(self, loss: torch.Tensor, net: str) -> None:
-        """Backpropagate `loss` into `net`'s gradients (scaled when fp16)."""
-
-    @abstractmethod
-    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
-        """All-reduce if `manual_sync`, unscale, clip (0 = no clipping), step, zero grads.
-
-        Returns the gradient norm before clipping (a device tensor: no host sync; None when
-        neither `measure` nor clipping asked for it) and whether the optimizer skipped the step
-        (fp16 overflow).
-        """
-
-    def zero_grad(self, net: str) -> None:
-        """Drop `net`'s accumulated gradients without stepping (a skipped non-finite update)."""
-        self.optimizer(net).zero_grad(set_to_none=True)
+        return _NO_CONTEXT
 
     # -- collectives (every rank calls them; never wrap them in a rank check)
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -127,59 +225,41 @@ class Backend(ABC):
     def broadcast_buffers(self, net: str) -> None:
         """Make BatchNorm running statistics identical on every rank (rank 0's win, as in DDP)."""
         if self.world_size > 1:
-            # One flat broadcast per dtype instead of one round trip per buffer.
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for buf in self.module(net).buffers():
-                by_dtype.setdefault(buf.dtype, []).append(buf)
-            for group in by_dtype.values():
-                flat = torch.cat([b.reshape(-1) for b in group])
+            for group in _by_dtype(list(self.module(net).buffers())):
+                flat = torch.cat([b.reshape(-1) for b in group])  # one broadcast per dtype, not per buffer
                 torch.distributed.broadcast(flat, src=0)
                 _unflatten_into(flat, group)
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def manual_all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients across ranks with one flat all-reduce (double-backward phases)."""
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Average gradients across ranks with one flat all-reduce per dtype (double-backward phases)."""
         if self.world_size == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        # One flat buffer per dtype: a single all-reduce instead of one per tensor.
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for group in by_dtype.values():
+        for group in _by_dtype([p.grad for p in params if p.grad is not None]):
             flat = torch.cat([g.reshape(-1) for g in group])
             torch.distributed.all_reduce(flat)
             flat /= self.world_size
             _unflatten_into(flat, group)
 
-    # -- state
-    def save_optimizers(self, folder) -> None:
-        """Write optimizer state into a checkpoint folder (replicated state: the main rank writes)."""
-        if self.is_main:
-            for net in NETS:
-                torch.save(self.optimizer(net).state_dict(), f"{folder}/optim_{net}.pt")
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
-    def load_optimizers(self, folder) -> None:
-        for net in NETS:
-            # "cpu" rather than the device: torch cannot map to "cpu:0"; load_state_dict moves state to the params.
-            # weights_only: a checkpoint never executes pickled code when loaded.
-            state = torch.load(f"{folder}/optim_{net}.pt", map_location="cpu", weights_only=True)
-            self.optimizer(net).load_state_dict(state)
+    # -- state beyond weights and optimizers (Scope.SHARED in the checkpoint)
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
 
-    @abstractmethod
-    def state_dict_extra(self) -> dict[str, torch.Tensor | float | int]:
-        """Backend state beyond weights/optimizers (e.g. the grad scaler)."""
-
-    @abstractmethod
-    def load_state_dict_extra(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def close(self) -> None:
         """Tear down the process group (all ranks)."""
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

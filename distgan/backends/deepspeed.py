@@ -3,8 +3,8 @@
 
 The route DeepSpeed's GAN tutorial takes, with what was found to work on this stack:
 
-* each network gets its own engine, built from the torch Adam the trainer made (a config
-  optimizer "Adam" would JIT-compile fused_adam for a minute);
+* each network gets its own engine, built with a torch Adam (a config optimizer "Adam" would
+  JIT-compile fused_adam for a minute);
 * the network a phase trains is called through its engine; the frozen one through its raw
   module (`engine.module`) with requires_grad off. Calling the frozen D through its engine
   fails at ZeRO 0 ("use engine.backward") and at ZeRO 2 ("Gradient computed twice");
@@ -35,9 +35,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distgan.backends.base import NETS, Backend, resolve_precision, use_cpu
-from distgan.config import Config, ConfigError
-from distgan.distributed import WorldSizeError, discover, export_env
+from distgan.backends.base import NETS, AdamSpec, Backend, PhaseHandle, StepReport, resolve_precision, use_cpu
+from distgan.config import Config
+from distgan.distributed import discover, export_env
+from distgan.errors import CheckpointError, ConfigError, WorldSizeError
+from distgan.gan.phases import Phase
 
 
 DS_TAG = "state"
@@ -126,15 +128,17 @@ def ds_config(cfg: Config, world_size: int, precision: str, cpu: bool) -> dict:
 
 class DeepSpeedBackend(Backend):
     def __init__(self, cfg: Config):
+        super().__init__()
         self.cfg = cfg
         info = export_env(discover(), single_free_port=True)  # deepspeed always opens a process group
         cpu = use_cpu()
         self.mixed_precision = resolve_precision(cfg)
         if cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed is imported
-        import deepspeed  # imported here: 1-2 s, and only this backend needs it
+        import deepspeed  # here, not at the top: 1-2 s, and it reads DS_ACCELERATOR when imported
 
         _skip_shm_comm_op()
+        self._deepspeed = deepspeed
         self.local_rank = info.local_rank
         if cpu:
             self.device = torch.device("cpu")
@@ -146,21 +150,20 @@ class DeepSpeedBackend(Backend):
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if info.world_size != self.world_size:
             raise WorldSizeError(f"the launcher announced {info.world_size} processes, the process group has {self.world_size}")
-        self._bf16 = self.mixed_precision == "bf16"
-        self._dtype = torch.bfloat16 if self._bf16 else torch.float16 if self.mixed_precision == "fp16" else None
+        self._dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16 if self.mixed_precision == "fp16" else None
         self._config = ds_config(cfg, self.world_size, self.mixed_precision, cpu)
         # fp32 stage 0: this backend all-reduces and clips itself, so that it knows the norm.
         self._own_sync = cfg.dist.zero_stage == 0 and self._dtype is None
+        self.grad_clip = cfg.optim.grad_clip if self._own_sync else 0.0  # else DeepSpeed clips
+        self.optimizer_state = _EngineCheckpoints(self)
         self._engines: dict = {}
         self._opts: dict[str, torch.optim.Optimizer] = {}
-        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ setup
-    def prepare(self, G, D, opt_G, opt_D) -> None:
-        import deepspeed
-
-        for net, model, opt in (("G", G, opt_G), ("D", D, opt_D)):
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=dict(self._config))
+    def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
+        for net, model in (("G", G), ("D", D)):
+            opt = optim[net].build(model.parameters())
+            engine, *_ = self._deepspeed.initialize(model=model, optimizer=opt, config=dict(self._config))
             if self._own_sync:
                 engine.enable_backward_allreduce = False
             self._engines[net], self._opts[net] = engine, opt
@@ -171,8 +174,10 @@ class DeepSpeedBackend(Backend):
     def optimizer(self, net: str) -> torch.optim.Optimizer:
         return self._opts[net]
 
-    # ------------------------------------------------------------------ one phase
-    def _cast(self, fn: Callable) -> Callable:
+    def _make_handle(self, phase: Phase) -> PhaseHandle:
+        return _EngineHandle(self, phase)
+
+    def cast_inputs(self, fn: Callable) -> Callable:
         """Floating inputs to the engines' dtype (DeepSpeed casts the weights, not the inputs)."""
         if self._dtype is None:
             return fn
@@ -184,67 +189,74 @@ class DeepSpeedBackend(Backend):
 
         return call
 
-    def forward_fns(self, trained: str, manual_sync: bool) -> dict[str, Callable]:
-        other = "D" if trained == "G" else "G"
-        mine = self._engines[trained].module if manual_sync else self._engines[trained]
-        return {trained: self._cast(mine), other: self._cast(self._engines[other].module)}
-
     def autocast(self):
         # Only sampling/evaluation use this with the engines' reduced-precision weights and
-        # fp32 inputs; training casts inputs itself (see _cast).
+        # fp32 inputs; training casts inputs itself (see cast_inputs).
         if self._dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self._dtype)
-
-    def backward(self, loss: torch.Tensor, net: str) -> None:
-        self._engines[net].backward(loss, scale_wrt_gas=False)
-
-    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
-        engine = self._engines[net]
-        norm = None
-        if self._own_sync:
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            self.manual_all_reduce_grads(params)
-            if measure or clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True).detach()
-        engine.step()
-        skipped = not engine.was_step_applied()
-        self.skipped_steps += int(skipped)
-        if norm is None and measure:
-            value = engine.get_global_grad_norm()
-            norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32, device=self.device)
-        return norm, skipped
-
-    def zero_grad(self, net: str) -> None:
-        engine = self._engines[net]
-        if hasattr(engine.optimizer, "zero_grad"):
-            engine.optimizer.zero_grad()
-        engine.zero_grad()
-
-    # ------------------------------------------------------------------ state
-    def save_optimizers(self, folder) -> None:
-        """Each engine writes its own checkpoint (a collective: every rank writes its partition)."""
-        for net in NETS:
-            self._engines[net].save_checkpoint(str(Path(folder) / f"ds_{net}"), tag=DS_TAG, save_latest=False)
-
-    def load_optimizers(self, folder) -> None:
-        for net in NETS:
-            path = Path(folder) / f"ds_{net}"
-            if not (path / DS_TAG).is_dir():
-                raise ConfigError(f"{folder} has no DeepSpeed state for {net} ({path / DS_TAG}): it was not written by "
-                                  "dist.backend=deepspeed. Resume it with the backend that wrote it.")
-            loaded, _ = self._engines[net].load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                                            load_lr_scheduler_states=False)
-            if loaded is None:
-                raise ConfigError(f"DeepSpeed could not load {path / DS_TAG} (written with another world size or ZeRO stage?)")
-
-    def state_dict_extra(self) -> dict:
-        return {"skipped_steps": self.skipped_steps}
-
-    def load_state_dict_extra(self, state: dict) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def close(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class _EngineHandle(PhaseHandle):
+    """The trained network through its engine (the raw module for double-backward phases: the
+    engine's hooks would reduce gradients inside `autograd.grad`), the frozen one raw."""
+
+    def __init__(self, backend: DeepSpeedBackend, phase: Phase):
+        net, other = phase.net, ("D" if phase.net == "G" else "G")
+        engine = backend._engines[net]
+        mine = engine.module if phase.double_backward else engine
+        fns = {net: backend.cast_inputs(mine), other: backend.cast_inputs(backend._engines[other].module)}
+        super().__init__(backend, phase, fns["G"], fns["D"])
+        self._engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss, scale_wrt_gas=False)
+
+    def _sync_and_norm(self, measure: bool) -> torch.Tensor | None:
+        if not self.backend._own_sync:
+            return None  # DeepSpeed reduces and clips inside engine.step
+        # fp32 ZeRO-0: the engines' own all-reduce is off (see setup), so every phase reduces here.
+        self.backend.all_reduce_grads(self.params)
+        return self._norm(measure)
+
+    def step(self, measure: bool) -> StepReport:
+        norm = self._sync_and_norm(measure)
+        self._engine.step()
+        skipped = not self._engine.was_step_applied()
+        self.backend.skipped_steps += int(skipped)
+        if norm is None and measure:
+            value = self._engine.get_global_grad_norm()
+            norm = torch.as_tensor(float("nan") if value is None else value, dtype=torch.float32, device=self.backend.device)
+        return StepReport(norm, skipped)
+
+    def discard(self) -> None:
+        if hasattr(self._engine.optimizer, "zero_grad"):
+            self._engine.optimizer.zero_grad()
+        self._engine.zero_grad()
+
+
+class _EngineCheckpoints:
+    """Each engine writes its own (partitioned) checkpoint: a collective, every rank writes its part."""
+
+    def __init__(self, backend: DeepSpeedBackend):
+        self.backend = backend
+
+    def save(self, folder: Path) -> None:
+        for net in NETS:
+            self.backend._engines[net].save_checkpoint(str(Path(folder) / f"ds_{net}"), tag=DS_TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        for net in NETS:
+            path = Path(folder) / f"ds_{net}"
+            if not (path / DS_TAG).is_dir():
+                raise CheckpointError(f"{folder} has no DeepSpeed state for {net} ({path / DS_TAG}): it was not written by "
+                                      "dist.backend=deepspeed. Resume it with the backend that wrote it.")
+            loaded, _ = self.backend._engines[net].load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                                                    load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {path / DS_TAG} (written with another world size or ZeRO stage?)")

@@ -5,13 +5,13 @@ only while its forward/backward runs. Built on `fully_shard` directly rather tha
 accelerate's FSDP plugin, because the plugin (a) takes one model per `prepare` under FSDP2 and
 (b) is ignored on CPU (accelerate falls back to DDP there), whereas `fully_shard` runs on CPU
 (gloo) as on GPUs (NCCL), so the same code is tested on both. Accelerate still creates the
-process group and picks the device.
+process group and picks the device (`start_accelerator`, shared with the DDP backend).
 
 What differs from DDP:
 * both networks are always called through their sharded module, also the frozen one (a raw
   call would see only this rank's shard); requires_grad off keeps the frozen one from
   reducing gradients;
-* the optimizers are rebuilt on the sharded parameters (the trainer made them on the full ones);
+* the optimizers are built on the sharded parameters;
 * `module(net)` is a full-weight replica refreshed after every step (one all-gather), so EMA,
   sample grids and checkpoints see plain tensors. It costs one extra copy of the weights per
   rank, small next to the sharded Adam state for GAN-sized networks;
@@ -21,35 +21,46 @@ What differs from DDP:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from distgan.backends.accelerate import AccelerateBackend
-from distgan.backends.base import NETS
+from distgan.backends.accelerate import start_accelerator
+from distgan.backends.base import NETS, AdamSpec, Backend, PhaseHandle, StepReport
+from distgan.config import Config
+from distgan.gan.phases import Phase
 
 
-class FSDPBackend(AccelerateBackend):
+class FSDPBackend(Backend):
     """Sharded G and D; full-weight replicas for everything outside the training step."""
 
-    def prepare(self, G, D, opt_G, opt_D) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self._accelerator = acc = start_accelerator(cfg)
+        self.rank, self.world_size, self.local_rank = acc.process_index, acc.num_processes, acc.local_process_index
+        self.device = acc.device
+        self.mixed_precision = str(acc.mixed_precision)
+        self.grad_clip = cfg.optim.grad_clip
+        self.optimizer_state = _FullOptimizerState(self)
+        self._replica: dict[str, nn.Module] = {}
+        self._sharded: dict[str, nn.Module] = {}
+        self._opts: dict[str, torch.optim.Optimizer] = {}
 
+    def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         # bf16 comes from autocast (as with DDP), not from FSDP's param_dtype: a bf16 policy
         # would cast BatchNorm's weights but not its fp32 running statistics, which batch_norm
         # rejects. The price is fp32 all-gathers (twice the bytes of bf16 ones).
         policy = MixedPrecisionPolicy()
-        self._replica, self._sharded, self._opts = {}, {}, {}
-        for net, model, opt in (("G", G, opt_G), ("D", D, opt_D)):
+        for net, model in (("G", G.to(self.device)), ("D", D.to(self.device))):
             self._replica[net] = copy.deepcopy(model)
             fully_shard(model, mp_policy=policy)
-            # The trainer's optimizer holds the pre-shard parameters: same class and settings,
-            # new (sharded) parameters.
-            self._opts[net] = type(opt)(model.parameters(), **opt.defaults)
+            self._opts[net] = optim[net].build(model.parameters())
             self._sharded[net] = model
 
     def module(self, net: str) -> nn.Module:
@@ -58,54 +69,29 @@ class FSDPBackend(AccelerateBackend):
     def optimizer(self, net: str) -> torch.optim.Optimizer:
         return self._opts[net]
 
-    @contextlib.contextmanager
-    def phase(self, trained: str) -> Iterator[None]:
-        other = "D" if trained == "G" else "G"
+    def autocast(self):
+        return self._accelerator.autocast()
+
+    def _make_handle(self, phase: Phase) -> PhaseHandle:
+        return _FSDPHandle(self, phase)
+
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        return self._sharded
+
+    def train_only(self, net: str) -> None:
         for module in self._sharded.values():
             # The root module stays unsharded after a forward; requires_grad must be set on the
             # sharded parameters, which FSDP copies onto the unsharded ones at each all-gather.
             module.reshard()
-        self._sharded[other].requires_grad_(False)
-        self._sharded[trained].requires_grad_(True)
-        try:
-            yield
-        finally:
-            self._sharded[other].requires_grad_(True)
-
-    def forward_fns(self, trained: str, manual_sync: bool) -> dict[str, Callable]:
-        return {net: self._sharded[net] for net in NETS}
-
-    @contextlib.contextmanager
-    def no_sync(self, net: str) -> Iterator[None]:
-        module = self._sharded[net]
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-
-    def backward(self, loss: torch.Tensor, net: str) -> None:
-        loss.backward()
-
-    def step(self, net: str, clip: float, manual_sync: bool, measure: bool = True) -> tuple[torch.Tensor | None, bool]:
-        opt = self._opts[net]
-        params = [p for p in self._sharded[net].parameters() if p.grad is not None]
-        norm = None
-        if measure or clip > 0:  # a collective over the shards: every rank gets the same `measure`
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self._refresh(net)
-        return norm, False
+        self._trainable = None  # always switch: the reshard above may have reset it
+        super().train_only(net)
 
     @torch.no_grad()
-    def _refresh(self, net: str, params: bool = True) -> None:
+    def refresh(self, net: str, params: bool = True) -> None:
         """Copy the sharded weights into the replica (a collective: one all-gather per tensor)."""
         replica = dict(self._replica[net].named_parameters())
         for name, p in self._sharded[net].named_parameters() if params else ():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            replica[name].copy_(full)
+            replica[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
         replica_buffers = dict(self._replica[net].named_buffers())
         for name, b in self._sharded[net].named_buffers():
             replica_buffers[name].copy_(b)
@@ -114,25 +100,67 @@ class FSDPBackend(AccelerateBackend):
         if self.world_size > 1:
             for buf in self._sharded[net].buffers():  # FSDP replicates buffers; rank 0's win
                 torch.distributed.broadcast(buf, src=0)
-        self._refresh(net, params=False)  # the parameters were refreshed by step()
+        self.refresh(net, params=False)  # the parameters were refreshed by the step
 
-    # -- state: full (unsharded) optimizer state, so a checkpoint loads at any world size
-    def save_optimizers(self, folder) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def close(self) -> None:
+        self._accelerator.end_training()
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+class _FSDPHandle(PhaseHandle):
+    """Both networks run through their sharded modules (a raw call would see one shard only);
+    requires_grad off keeps the frozen one from reducing gradients."""
+
+    def __init__(self, backend: FSDPBackend, phase: Phase):
+        super().__init__(backend, phase, backend._sharded["G"], backend._sharded["D"])
+        self._sharded = backend._sharded[phase.net]
+        self.params = list(self._sharded.parameters())
+
+    def micro_batch(self, last: bool):
+        return _GradientSync(self._sharded, last)
+
+    def step(self, measure: bool) -> StepReport:
+        norm = self._norm(measure)  # a collective over the shards: every rank gets the same `measure`
+        if norm is not None and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        opt = self.backend.optimizer(self.net)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.backend.refresh(self.net)
+        return StepReport(norm, False)
+
+
+class _GradientSync:
+    """Turn FSDP's gradient reduction off for a micro-batch that is not the last."""
+
+    def __init__(self, module: nn.Module, enabled: bool):
+        self.module, self.enabled = module, enabled
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            self.module.set_requires_GradientSync(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.enabled:
+            self.module.set_requires_GradientSync(True)
+
+
+class _FullOptimizerState:
+    """Full (unsharded) optimizer state in the checkpoint, so that it loads at any world size."""
+
+    def __init__(self, backend: FSDPBackend):
+        self.backend = backend
+
+    def save(self, folder: Path) -> None:
+        b, options = self.backend, StateDictOptions(full_state_dict=True, cpu_offload=True)
         for net in NETS:
-            state = get_optimizer_state_dict(self._sharded[net], self._opts[net], options=options)  # collective
-            if self.is_main:
+            state = get_optimizer_state_dict(b._sharded[net], b._opts[net], options=options)  # collective
+            if b.is_main:
                 torch.save(state, Path(folder) / f"optim_{net}.pt")
 
-    def load_optimizers(self, folder) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        options = StateDictOptions(full_state_dict=True)
+    def load(self, folder: Path) -> None:
+        b, options = self.backend, StateDictOptions(full_state_dict=True)
         for net in NETS:
             # The checkpointer has just loaded the full weights into the replica: shard them in.
-            set_model_state_dict(self._sharded[net], self._replica[net].state_dict(), options=options)
+            set_model_state_dict(b._sharded[net], b._replica[net].state_dict(), options=options)
             state = torch.load(Path(folder) / f"optim_{net}.pt", map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(self._sharded[net], self._opts[net], state, options=options)
+            set_optimizer_state_dict(b._sharded[net], b._opts[net], state, options=options)

@@ -6,30 +6,73 @@ thread hides it: torch releases the GIL inside its kernels, so the hand-over run
 step. The thread also owns the loader, so its worker processes are forked from a thread with the
 preemption signals blocked (SIGTERM/SIGUSR1 then reach only the rank, which checkpoints).
 
-The data position for checkpoints is the stream's state right after the batch the trainer last
-*consumed* (not the batches fetched ahead), so resume stays exact.
+The data position for checkpoints (`state_dict`, a per-rank checkpoint object) is the stream's
+state right after the batch the trainer last *consumed* (not the batches fetched ahead), so resume
+stays exact. It records the data source too: a run resumed on other data starts that data from
+its beginning instead of applying a position that belongs to another dataset.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator, Protocol
+
+import torch
 
 from distgan.preemption import SIGNALS
 
+log = logging.getLogger("distgan")
+
+
+class DataStream(Protocol):
+    """What the trainer needs of its data: endless (images, labels) batches of this rank, the
+    position in them, and counts of skipped samples. `data.stream.ImageStream` is the real one."""
+
+    info: Any
+    """`DatasetInfo`: num_samples, resolution, channels, class_names, num_classes, source."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
 
 class Prefetcher:
-    """Iterator over a stream's batches, `depth` batches ahead, with a consumed-position state."""
+    """Iterator over a stream's batches, `depth` batches ahead (once `start`ed), with the
+    consumed position as its checkpoint state."""
 
-    def __init__(self, stream, depth: int = 2):
-        self.stream = stream
+    carries_over_world_change = True
+    """Every rank consumed as many batches as rank 0: the stream maps that position onto another
+    world size (approximately, with a warning of its own)."""
+
+    def __init__(self, stream: DataStream, source: str, depth: int = 2):
+        self.stream, self.source = stream, source
         self.state: dict[str, Any] = stream.state_dict()  # position before the first consumed batch
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distgan-prefetch", daemon=True)
+
+    def start(self) -> "Prefetcher":
         self._thread.start()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "position": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("source") != self.source:
+            log.warning("data.source changed since the checkpoint: the data stream starts from its beginning.")
+            return
+        self.stream.load_state_dict(state["position"])
+        self.state = self.stream.state_dict()
 
     def _run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -60,6 +103,8 @@ class Prefetcher:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread (it finishes the batch it is fetching, then exits)."""
         self._stop.set()
+        if not self._thread.is_alive():
+            return
         while True:
             try:
                 self._queue.get_nowait()  # unblock a put

@@ -46,7 +46,43 @@ def _by_name(pairs) -> dict[str, torch.Tensor]:
     return {_strip(name): t for name, t in pairs}
 
 
-@torch.no_grad()
+class _Pairs:
+    """EMA tensors matched with the model's, by name (built once per model, reused every step)."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module):
+        src_params = _by_name(model.named_parameters())
+        src_buffers = _by_name(model.named_buffers())
+        self.targets, self.sources, self.buf_targets, self.buf_sources = [], [], [], []
+        for name, p in ema.named_parameters():
+            if name not in src_params:
+                raise KeyError(f"update_ema: parameter {name!r} of the EMA model is missing from the model")
+            self.targets.append(p)
+            self.sources.append(src_params[name])
+        for name, b in ema.named_buffers():
+            if name not in src_buffers:
+                raise KeyError(f"update_ema: buffer {name!r} of the EMA model is missing from the model")
+            self.buf_targets.append(b)
+            self.buf_sources.append(src_buffers[name])
+        # The model may hold other dtypes or devices (DeepSpeed's bf16 engine weights): cast then.
+        self.same_layout = all(t.dtype == s.dtype and t.device == s.device
+                               for t, s in zip(self.targets + self.buf_targets, self.sources + self.buf_sources))
+
+    @torch.no_grad()
+    def apply(self, beta: float) -> None:
+        sources = [s.detach() for s in self.sources] if self.same_layout else [
+            s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(self.targets, self.sources)]
+        # (ema - model) * beta + model, in place and batched over all tensors (one kernel launch per
+        # op instead of three per parameter); equals model + (ema - model) * beta exactly.
+        torch._foreach_sub_(self.targets, sources)
+        torch._foreach_mul_(self.targets, beta)
+        torch._foreach_add_(self.targets, sources)
+        if self.same_layout and self.buf_targets:
+            torch._foreach_copy_(self.buf_targets, self.buf_sources)
+        else:
+            for t, s in zip(self.buf_targets, self.buf_sources):
+                t.copy_(s)
+
+
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """In place: every parameter ema = model + (ema - model) * beta; every buffer (BatchNorm
     running stats, spectral-norm u/v vectors) copied from ``model``. ``beta >= 1`` leaves
@@ -56,25 +92,28 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     ``parametrizations.weight.original``) and DDP/compile wrappers around ``model`` work. ``model``
     must hold full (unsharded) parameters; gather FSDP/ZeRO-3 shards before calling.
     """
-    if beta >= 1.0:
-        return
-    src_params = _by_name(model.named_parameters())
-    src_buffers = _by_name(model.named_buffers())
-    targets, sources = [], []
-    for name, p in ema.named_parameters():
-        if name not in src_params:
-            raise KeyError(f"update_ema: parameter {name!r} of the EMA model is missing from the model")
-        targets.append(p)
-        sources.append(src_params[name].detach().to(device=p.device, dtype=p.dtype))
-    # (ema - model) * beta + model, in place and batched over all tensors (one kernel launch per
-    # op instead of three per parameter); equals model + (ema - model) * beta exactly.
-    torch._foreach_sub_(targets, sources)
-    torch._foreach_mul_(targets, beta)
-    torch._foreach_add_(targets, sources)
-    for name, b in ema.named_buffers():
-        if name not in src_buffers:
-            raise KeyError(f"update_ema: buffer {name!r} of the EMA model is missing from the model")
-        b.copy_(src_buffers[name])
+    if beta < 1.0:
+        _Pairs(ema, model).apply(beta)
+
+
+class EMA:
+    """The EMA generator: a copy of G, updated after every generator step on the schedule of
+    `ema_beta` (half-life in kimg with a ramp-up)."""
+
+    def __init__(self, G: nn.Module, halflife_kimg: float, rampup: float | None):
+        self.module = make_ema(G)
+        self.halflife_kimg, self.rampup = halflife_kimg, rampup
+        self._pairs: _Pairs | None = None
+        self._source: nn.Module | None = None
+
+    def update(self, source: nn.Module, batch_images: int, nimg: int) -> None:
+        """Move towards `source` (G's full weights) after a step of `batch_images` images."""
+        beta = ema_beta(batch_images, self.halflife_kimg, self.rampup, nimg)
+        if beta >= 1.0:
+            return
+        if source is not self._source:
+            self._pairs, self._source = _Pairs(self.module, source), source
+        self._pairs.apply(beta)
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -83,4 +122,4 @@ def make_ema(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-__all__ = ["ema_beta", "update_ema", "make_ema"]
+__all__ = ["EMA", "ema_beta", "update_ema", "make_ema"]

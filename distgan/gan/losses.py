@@ -80,17 +80,20 @@ def gradient_penalty(
     discriminator: Callable[[Tensor], Tensor],
     real: Tensor,
     fake: Tensor,
+    alpha: Tensor | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """WGAN-GP penalty (Gulrajani et al. 2017): E[(||grad_x D(x_hat)||_2 - 1)^2] with
-    x_hat = a * real + (1 - a) * fake, a ~ U(0,1) per sample.
+    x_hat = a * real + (1 - a) * fake, a ~ U(0,1) per sample (``alpha``, else drawn from ``generator``).
 
     ``discriminator`` maps images to logits (wrap a conditional D, e.g. ``lambda x: D(x, y)``).
     Real and fake are detached: the penalty trains D only, never G. The caller multiplies by
     the weight (``loss.gp_weight``).
     """
     real, fake = real.detach(), fake.detach()
-    alpha = _uniform((real.shape[0],) + (1,) * (real.dim() - 1), real, generator)
+    if alpha is None:
+        alpha = _uniform((real.shape[0],) + (1,) * (real.dim() - 1), real, generator)
     x_hat = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(
         outputs=discriminator(x_hat).sum(), inputs=x_hat, create_graph=True, only_inputs=True
@@ -100,20 +103,4 @@ def gradient_penalty(
     return (norm - 1.0).square().mean()
 
 
-def lazy_reg_adam_params(
-    lr: float, betas: tuple[float, float], interval: int
-) -> tuple[float, tuple[float, float]]:
-    """Adam settings corrected for lazy regularization (StyleGAN2, Karras et al. 2020, App. B).
-
-    When the regularizer runs every ``interval`` steps, the optimizer effectively takes
-    ``interval + 1`` steps per ``interval`` minibatches, so lr is scaled by c = interval/(interval+1)
-    and the betas raised to the power c to keep the same momentum time scale in images.
-    ``interval <= 0`` (no lazy regularization) returns the inputs unchanged.
-    """
-    if interval <= 0:
-        return lr, (betas[0], betas[1])
-    c = interval / (interval + 1)
-    return lr * c, (betas[0] ** c, betas[1] ** c)
-
-
-__all__ = ["OBJECTIVES", "d_loss", "g_loss", "r1_penalty", "gradient_penalty", "lazy_reg_adam_params"]
+__all__ = ["OBJECTIVES", "d_loss", "g_loss", "r1_penalty", "gradient_penalty"]
