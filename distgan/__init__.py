@@ -14,12 +14,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def train(config: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Path:
+def train(config: str | Path | Any = None, overrides: dict[str, Any] | list[str] | None = None) -> Path:
     """Train in this process (or, inside `accelerate.notebook_launcher`, in each launched one).
 
     `config` is a YAML recipe (default configs/default.yaml) or a Config; `overrides` maps
     `section.key` to values. Returns the run folder.
     """
-    from distgan.train import train_api
+    # Imported on the first call: every `import distgan.<module>` runs this file first, and the
+    # training stack (torch, accelerate, the trainer) must not load, or cycle, for each of them.
+    from distgan.run import train as train_run
 
-    return train_api(config, overrides)
+    return train_run(config, overrides)

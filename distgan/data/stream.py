@@ -31,7 +31,6 @@ and no sample in the consumed part was bad (each one shifts the resumed stream b
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing
 import random
@@ -46,15 +45,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distgan.data.cache import materialize
 from distgan.data.decode import SampleError, decode_sample, describe_error, flip_bit
-from distgan.data.shards import MANIFEST, count_samples, expand_urls
+from distgan.data.format import MANIFEST, count_samples, expand_urls, read_manifest
+from distgan.errors import DataError
 
 log = logging.getLogger("distgan.data")
 _PLAN_KEYS = ("seed", "rank", "world_size", "workers", "batch_size", "shuffle_buffer", "resampled", "num_samples")
-
-
-class DataError(RuntimeError):
-    """The data cannot feed training: too many bad samples, no data for a rank, no shards."""
 
 
 @dataclass
@@ -81,25 +78,13 @@ class ShardSet:
 # ---------------------------------------------------------------------------- finding shards
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shards with `distgan shards`") from None
-
-
 def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) -> ShardSet:
     """data.source -> URLs with per-shard counts (builtins are materialized into the cache first)."""
     if source.startswith("builtin:"):
-        from distgan.data.builtin import materialize
-
         source = str(materialize(source.split(":", 1)[1], resolution, channels, cache_dir))
     folder = Path(source).expanduser()
     if folder.is_dir():
-        m = _manifest(folder)
+        m = read_manifest(folder)
         if m is not None:
             return ShardSet([str(folder / s["name"]) for s in m["shards"]], [int(s["count"]) for s in m["shards"]],
                             list(m.get("class_names", [])), m.get("resolution"))
@@ -111,7 +96,7 @@ def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) 
     if not urls:
         raise DataError(f"data.source {source!r} names no shards")
     local = [Path(u).expanduser() for u in urls if "://" not in u and not u.startswith("pipe:")]
-    m = _manifest(local[0].parent) if local else None  # shards listed one by one may still have one
+    m = read_manifest(local[0].parent) if local else None  # shards listed one by one may still have one
     known = {local[0].parent / s["name"]: int(s["count"]) for s in m["shards"]} if m else {}
     counts = [known[p] if (p := Path(u).expanduser()) in known else count_samples(u) for u in urls]
     return ShardSet(urls, counts, list(m.get("class_names", [])) if m else [], m.get("resolution") if m else None)

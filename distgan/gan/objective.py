@@ -100,7 +100,8 @@ class GANObjective:
         real, n = batch.real, batch.real.shape[0]
         z, batch.fake_c = self.latents(n)
         with torch.no_grad(), h.autocast():
-            batch.fake = h.G(z, batch.fake_c).to(real.dtype)
+            fake = h.G(z, batch.fake_c)
+        batch.fake = fake if fake.dtype == real.dtype else fake.to(real.dtype)
         both = self._augment(torch.cat([real, batch.fake]))
         labels = torch.cat([batch.real_c, batch.fake_c]) if batch.fake_c is not None else None
         with h.autocast():

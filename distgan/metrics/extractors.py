@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgan.errors import EvalError
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
 NO_DOWNLOAD_ENV = "DISTGAN_NO_DOWNLOAD"
-
-
-class EvalError(RuntimeError):
-    """An evaluation problem the user has to fix (too few real images, missing weights, ...)."""
 
 
 class InceptionWeightsNotFound(EvalError, FileNotFoundError):

@@ -7,10 +7,10 @@
 Importing this package registers the built-in archs (``dcgan``, ``resnet``).
 """
 
-from distgan.models.registry import ARCHS, CHANNELS, RESOLUTIONS, build_models, register_arch
+from distgan.models.registry import ARCHS, CHANNELS, RESOLUTIONS, build_models, check_arch, register_arch
 
 # Imported for their @register_arch side effect.
 from distgan.models import dcgan as _dcgan  # noqa: E402,F401  isort: skip
 from distgan.models import resnet as _resnet  # noqa: E402,F401  isort: skip
 
-__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "build_models", "register_arch"]
+__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "build_models", "check_arch", "register_arch"]

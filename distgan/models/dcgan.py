@@ -17,13 +17,16 @@ Init: N(0, 0.02) for conv/linear/embedding weights, zero biases, norm gain 1 / b
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from distgan.config import ModelConfig
 from distgan.models.layers import ProjectionHead, check_labels, make_g_norm, reset_g_norms
 from distgan.models.registry import register_arch
+
+if TYPE_CHECKING:  # config imports the registry to validate model.arch: only a type here
+    from distgan.config import ModelConfig
 
 WIDTH_CAP = 8  # widths stop doubling at 8x the base width (paper: 1024 = 8 * 128 at 4x4)
 

@@ -1,21 +1,25 @@
 """Architecture registry: ``model.arch`` names -> builders returning ``(G, D)``.
 
-An architecture registers itself with ``@register_arch("name")`` on a builder
-``(model_cfg, resolution, channels, num_classes) -> (G, D)``. ``build_models`` does every check
-that depends only on the config and the data shape (arch name, resolution, channels, labels)
-and raises ``ConfigError`` with a fix-it message, so no arch has to repeat them.
+An architecture registers itself with ``@register_arch("name", resolutions=..., channels=...)``
+on a builder ``(model_cfg, resolution, channels, num_classes) -> (G, D)``, declaring the image
+sizes it supports. ``check_arch`` is the one check of an (arch, resolution, channels) triple:
+config validation asks it before any work starts, and ``build_models`` asks it again for callers
+that build models without a validated config. It raises ``ConfigError`` with a fix-it message.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from distgan.config import ConfigError, ModelConfig
+from distgan.errors import ConfigError
 
-Builder = Callable[[ModelConfig, int, int, int], tuple[nn.Module, nn.Module]]
+if TYPE_CHECKING:  # config imports this registry to validate model.arch: only a type here
+    from distgan.config import ModelConfig
+
+Builder = Callable[["ModelConfig", int, int, int], tuple[nn.Module, nn.Module]]
 
 RESOLUTIONS: tuple[int, ...] = (16, 32, 64, 128, 256)
 """Image sides every built-in architecture supports."""
@@ -43,10 +47,19 @@ def register_arch(
     return decorate
 
 
-def _unknown_arch(name: str) -> ConfigError:
-    close = difflib.get_close_matches(name, ARCHS, n=1, cutoff=0.4)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"model.arch={name!r} is not a known architecture.{hint} Available: {', '.join(ARCHS)}.")
+def check_arch(arch: str, resolution: int, channels: int) -> None:
+    """ConfigError unless ``arch`` is registered and supports ``resolution`` and ``channels``."""
+    if arch not in _REGISTRY:
+        close = difflib.get_close_matches(arch, ARCHS, n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model.arch={arch!r} is not a known architecture.{hint} Available: {', '.join(ARCHS)}.")
+    _, resolutions, chans = _REGISTRY[arch]
+    if resolution not in resolutions:
+        raise ConfigError(f"model.arch={arch!r} does not support resolution {resolution!r} (data.resolution); "
+                          f"supported resolutions: {', '.join(str(r) for r in resolutions)}.")
+    if channels not in chans:
+        raise ConfigError(f"model.arch={arch!r} does not support {channels!r} image channels (data.channels); "
+                          f"supported: {', '.join(str(c) for c in chans)}.")
 
 
 def build_models(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -55,28 +68,10 @@ def build_models(model_cfg: ModelConfig, resolution: int, channels: int, num_cla
     ``num_classes`` is the number of classes in the data (0: unlabelled). The models are
     conditional iff ``model_cfg.conditional``; with ``conditional=False`` labels are ignored and
     ``G.num_classes == D.num_classes == 0``. Weights are drawn from torch's global RNG, so the
-    same ``torch.manual_seed`` gives identical weights.
+    same ``torch.manual_seed`` gives identical weights. The other ``model.*`` values were checked
+    by config validation (their rules sit next to the fields in ``distgan/config.py``).
     """
-    arch = model_cfg.arch
-    if arch not in _REGISTRY:
-        raise _unknown_arch(arch)
-    builder, resolutions, chans = _REGISTRY[arch]
-    if resolution not in resolutions:
-        supported = ", ".join(str(r) for r in resolutions)
-        raise ConfigError(
-            f"model.arch={arch!r} does not support resolution {resolution!r} "
-            f"(data.resolution); supported resolutions: {supported}."
-        )
-    if channels not in chans:
-        raise ConfigError(
-            f"model.arch={arch!r} does not support {channels!r} image channels (data.channels); "
-            f"supported: {', '.join(str(c) for c in chans)}."
-        )
-    for key in ("z_dim", "g_width", "d_width"):
-        if getattr(model_cfg, key) < 1:
-            raise ConfigError(f"model.{key}={getattr(model_cfg, key)!r} must be at least 1")
-    if model_cfg.g_norm not in ("batch", "none"):
-        raise ConfigError(f"model.g_norm={model_cfg.g_norm!r} is not one of 'batch', 'none'.")
+    check_arch(model_cfg.arch, resolution, channels)
     if model_cfg.conditional:
         if num_classes < 2:
             raise ConfigError(
@@ -86,7 +81,8 @@ def build_models(model_cfg: ModelConfig, resolution: int, channels: int, num_cla
         classes = num_classes
     else:
         classes = 0  # unconditional: labels (if any) are ignored
+    builder = _REGISTRY[model_cfg.arch][0]
     return builder(model_cfg, resolution, channels, classes)
 
 
-__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "build_models"]
+__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "check_arch", "build_models"]

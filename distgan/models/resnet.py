@@ -16,15 +16,17 @@ gain 1 on shortcut 1x1 convs, linear layers, embeddings and the output conv; zer
 """
 
 from __future__ import annotations
-
 import math
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from distgan.config import ModelConfig
 from distgan.models.layers import ProjectionHead, apply_spectral_norm, check_labels, make_g_norm
 from distgan.models.registry import register_arch
+
+if TYPE_CHECKING:  # config imports the registry to validate model.arch: only a type here
+    from distgan.config import ModelConfig
 
 WIDTH_CAP = 8
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.launch_utils import (HARNESS, REPO, accelerate_cmd, launch, read_dumps, tail, tiny_args,
+from tests.helpers.launch import (HARNESS, REPO, accelerate_cmd, launch, read_dumps, tail, tiny_args,
                                             torchrun_cmd)
 from tests.integration.test_distributed import assert_ranks_identical
 

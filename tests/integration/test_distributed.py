@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.launch_utils import (BIN, HARNESS, TRAIN, accelerate_cmd, launch, read_dumps, tail, tiny_args,
+from tests.helpers.launch import (BIN, HARNESS, TRAIN, accelerate_cmd, launch, read_dumps, tail, tiny_args,
                                             torchrun_cmd)
 
 pytestmark = pytest.mark.slow

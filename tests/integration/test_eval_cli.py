@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from distgan.evaluation import eval_command
-from tests.conftest import REPO, make_image_folder, tiny_overrides
+from distgan.cli import main
+from distgan.data.shards import write_shards
+from distgan.errors import EvalError
+from tests.helpers import REPO, make_image_folder, tiny_overrides
 
 STARTED = "distgan eval: evaluating"
 
@@ -26,14 +28,14 @@ def trained(tiny_shards, tmp_path_factory) -> Path:
     run = root / "run"
     # The checkpoint's data.cache_dir is where `distgan eval` caches real features: keep it in tmp.
     args = tiny_overrides(tiny_shards, run, f"data.cache_dir={root / 'cache'}")
-    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "train", *args],
+    proc = subprocess.run([sys.executable, "-m", "distgan", "train", *args],
                           capture_output=True, text=True, timeout=170, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
 def run_eval(*args: str):
-    return CliRunner().invoke(eval_command, list(args), catch_exceptions=False)
+    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
 
 
 def test_eval_prints_one_json_line_with_scores_and_settings(trained, tiny_shards, tmp_path):
@@ -58,19 +60,17 @@ def test_eval_prints_one_json_line_with_scores_and_settings(trained, tiny_shards
 
 def test_too_few_real_images_for_n(trained, tiny_shards):
     result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "1000", "--extractor", "tiny")
-    assert result.exit_code == 1
+    assert result.exit_code == EvalError.exit_code
     assert "yields only 64 distinct real images, fewer than --n=1000" in result.stderr
     assert STARTED not in result.stderr
 
 
 def test_data_of_another_resolution(trained, tmp_path):
-    from distgan.data.shards import write_shards
-
     images = make_image_folder(tmp_path / "images", n_per_class=8)
     shards32 = tmp_path / "shards32"
     write_shards(str(images), shards32, resolution=32, channels=3, crop="none", shard_size=16, workers=1, progress=False)
     result = run_eval("--ckpt", str(trained), "--data", str(shards32), "--n", "8", "--extractor", "tiny")
-    assert result.exit_code == 1
+    assert result.exit_code == EvalError.exit_code
     assert "generates 16x16 images but" in result.stderr and "holds 32x32 images" in result.stderr
     assert "--resolution 16" in result.stderr and STARTED not in result.stderr
 
@@ -78,7 +78,7 @@ def test_data_of_another_resolution(trained, tmp_path):
 def test_missing_weights_file(trained, tiny_shards, tmp_path):
     result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "32", "--extractor", "inception",
                       "--weights", str(tmp_path / "nope.pth"))
-    assert result.exit_code == 1
+    assert result.exit_code == EvalError.exit_code
     assert "nope.pth" in result.stderr and "no such file" in result.stderr and STARTED not in result.stderr
 
 
@@ -98,10 +98,10 @@ def _without_fid_helper(root: Path) -> str:
 def test_no_inception_weights_offline(trained, tiny_shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=_without_fid_helper(tmp_path / "shadow"), TORCH_HOME=str(tmp_path / "torch"),
                DISTGAN_NO_DOWNLOAD="1")
-    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "eval", "--ckpt", str(trained), "--data", str(tiny_shards),
+    proc = subprocess.run([sys.executable, "-m", "distgan", "eval", "--ckpt", str(trained), "--data", str(tiny_shards),
                            "--n", "32", "--extractor", "inception"], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env=env)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == EvalError.exit_code, proc.stderr[-2000:]
     assert "No Inception FID weights found" in proc.stderr and "eval.inception_weights" in proc.stderr
     assert "Traceback" not in proc.stderr and STARTED not in proc.stderr and proc.stdout == ""
 
@@ -110,9 +110,9 @@ def test_training_checks_eval_inputs_before_the_first_step(tiny_shards, tmp_path
     run = tmp_path / "run"
     args = tiny_overrides(tiny_shards, run, "eval.every_kimg=0.1", "eval.extractor=tiny", "eval.n_samples=1000",
                           f"data.cache_dir={tmp_path / 'cache'}")
-    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "train", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "distgan", "train", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
-    assert proc.returncode == 1
+    assert proc.returncode == EvalError.exit_code
     assert "distgan: error:" in proc.stderr and "fewer than eval.n_samples=1000" in proc.stderr
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
@@ -124,7 +124,7 @@ def test_two_ranks_evaluate_together_during_training(tiny_shards, tmp_path):
     args = tiny_overrides(tiny_shards, run, "train.steps=4", "eval.every_kimg=0.048", "eval.n_samples=32",
                           "eval.extractor=tiny", "eval.batch_size=16", f"data.cache_dir={tmp_path / 'cache'}",
                           "dist.expect_world_size=2", "logging.wandb=offline")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "integration" / "ranks.py"), "2", str(tmp_path / "pids"),
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "ranks.py"), "2", str(tmp_path / "pids"),
                            "--", *args], capture_output=True, text=True, timeout=170, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

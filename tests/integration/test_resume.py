@@ -27,16 +27,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from distgan.checkpoint import Checkpointer, verify
-from distgan.cli import train_command
+from distgan.checkpoint import BestRecord, Checkpointer, verify
+from distgan.cli import main
 from distgan.config import load_config
-from distgan.train import run
-from tests.integration.ranks import free_port
-from tests.integration.resume_support import (NETS, assert_identical, ckpt, latest_step, make_shards, max_diff, wait_for,
+from distgan.errors import CheckpointError, NonFiniteLossError
+from distgan.run import run
+from tests.helpers import free_port
+from tests.helpers.resume import (NETS, assert_identical, ckpt, latest_step, make_shards, max_diff, wait_for,
                                               weights)
 
 REPO = Path(__file__).resolve().parents[2]
-RANKS = Path(__file__).with_name("ranks.py")
+RANKS = REPO / "tests" / "helpers" / "ranks.py"
 N = 10  # steps of the reference run; checkpoints every 5
 BASE = {
     "data.resolution": 16, "data.batch_size": 4, "data.workers": 1, "data.shuffle_buffer": 8,
@@ -75,7 +76,7 @@ def train(shards: Path, run_dir: Path, **kw) -> str:
 def cli(shards: Path, run_dir: Path, **kw):
     """The `distgan train` command in this process: (exit code, stdout + stderr)."""
     args = [f"{k}={v}" for k, v in overrides(shards, run_dir, **kw).items()]
-    result = CliRunner().invoke(train_command, args)
+    result = CliRunner().invoke(main, ["train", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output  # stdout and stderr, as a user sees them
@@ -115,7 +116,7 @@ def test_exact_resume_single_process_is_bit_identical(shards, tmp_path, tmp_path
     assert train(shards, tmp_path, train__steps=N) == "done"  # resume=auto, more steps allowed
     assert_identical(ckpt(tmp_path, N), ref)
     info = json.loads((ckpt(tmp_path, N) / "rank-00000.json").read_text())
-    assert info["data"]["epoch"] == 1 and info["data"]["batches"] == 2 * N - 16  # crossed an epoch
+    assert info["data"]["position"]["epoch"] == 1 and info["data"]["position"]["batches"] == 2 * N - 16  # crossed an epoch
 
 
 def test_preempt_file_checkpoints_and_resumes_exactly(shards, tmp_path, tmp_path_factory):
@@ -249,10 +250,11 @@ def test_corrupt_latest_falls_back_to_previous(shards, tmp_path, tmp_path_factor
 
 def test_best_slot_keeps_the_best_checkpoint_past_pruning(shards, tmp_path):
     assert train(shards, tmp_path, train__steps=N, train__keep_ckpts=1) == "done"
-    ck = Checkpointer(tmp_path, _Main(), keep=1)
+    ck, record = Checkpointer(tmp_path, _Main(), keep=1), BestRecord("fid")
     assert ck.best() is None
-    assert ck.save_best(12.5) is True  # default: the latest checkpoint (step 10)
-    assert ck.save_best(13.0, step=N) is False  # FID: lower is better
+    assert record.offer(12.5, step=N) is True  # the record decides ...
+    ck.keep_best(record)  # ... and the checkpointer files its checkpoint
+    assert record.offer(13.0, step=N) is False and record.offer(float("nan"), step=N) is False  # lower is better
     best = tmp_path / "checkpoints" / "best"
     assert json.loads((best / "best.json").read_text()) == {
         "metric": "fid", "value": 12.5, "lower_is_better": True, "checkpoint": ckpt(tmp_path, N).name, "step": N}
@@ -261,21 +263,24 @@ def test_best_slot_keeps_the_best_checkpoint_past_pruning(shards, tmp_path):
     # Training on prunes step 10 (keep 1); the best slot stays complete and loadable.
     assert train(shards, tmp_path, train__steps=N + 5, train__keep_ckpts=1) == "done"
     assert not ckpt(tmp_path, N).exists() and verify(best) is None
-    assert ck.save_best(11.0, metric="fid") is True and ck.best()["step"] == N + 5
-    with pytest.raises(Exception, match="no checkpoint step-000000003"):
-        ck.save_best(1.0, step=3)
+    assert record.offer(11.0, step=N + 5) is True
+    ck.keep_best(record)
+    assert ck.best()["step"] == N + 5 and ck.best()["value"] == 11.0
+    assert record.offer(1.0, step=3) is True
+    with pytest.raises(CheckpointError, match="no checkpoint step-000000003"):
+        ck.keep_best(record)
 
 
 def test_resume_errors_name_the_problem(shards, tmp_path):
     for target, expected in ((tmp_path / "missing", "does not exist"),
                              (tmp_path, "is not a distgan checkpoint")):
         code, out = cli(shards, tmp_path / "run", train__resume=target, train__steps=2)
-        assert code == 1 and expected in out and str(target) in out, out
+        assert code == CheckpointError.exit_code and expected in out and str(target) in out, out
     assert cli(shards, tmp_path / "run", train__steps=5)[0] == 0
     broken = ckpt(tmp_path / "run", 5)
     (broken / "D.safetensors").write_bytes(b"not weights")
     code, out = cli(shards, tmp_path / "run2", train__resume=broken, train__steps=6)
-    assert code == 1 and "not a usable checkpoint: D.safetensors does not match its checksum" in out, out
+    assert code == CheckpointError.exit_code and "not a usable checkpoint: D.safetensors does not match its checksum" in out, out
 
 
 def test_resume_path_rolls_back_and_sets_newer_checkpoints_aside(shards, tmp_path, tmp_path_factory):
@@ -294,7 +299,7 @@ def test_config_changes_on_resume(shards, tmp_path):
     code, out = cli(shards, tmp_path, train__steps=3, loss__r1_gamma=0.0, optim__g_betas="[0.0,0.99]")
     assert code == 2 and "loss.r1_gamma" in out and "optim.g_betas" in out, out
     code, out = cli(shards, tmp_path, train__resume="none", train__steps=3)
-    assert code == 1 and "train.resume=none" in out and "already holds checkpoints" in out, out
+    assert code == CheckpointError.exit_code and "train.resume=none" in out and "already holds checkpoints" in out, out
     # Run length, logging, loss weights, clipping and data loading may change.
     code, out = cli(shards, tmp_path, train__steps=3, train__log_every=1, loss__r1_gamma=2.0, optim__grad_clip=1.0,
                     data__workers=0)
@@ -319,7 +324,7 @@ def test_full_disk_stops_with_clear_message_and_last_checkpoint_intact(shards, t
     free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
     (tmpfs / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # room for metrics rows, not a checkpoint
     code, out = cli(shards, run_dir, train__steps=400)
-    assert code == 1, out
+    assert code == CheckpointError.exit_code, out
     assert "Could not write checkpoint step-000000010" in out and "the disk is full" in out, out
     assert f"the previous checkpoint {ckpt(run_dir, 5)} is intact" in out
     assert verify(ckpt(run_dir, 5)) is None and not list((run_dir / "checkpoints").glob("*.tmp"))
@@ -353,7 +358,7 @@ def test_nonfinite_stop_names_step_and_phase_and_keeps_last_checkpoint(shards, t
     kw = dict(optim__g_lr=1e30, loss__r1_gamma=0.0, train__ckpt_every=1, train__log_every=1, data__workers=0,
               train__steps=4)
     code, out = cli(shards, tmp_path / "stop", **kw)
-    assert code == 1, out
+    assert code == NonFiniteLossError.exit_code, out
     assert "Loss became NaN/inf at step 2, phase Dmain" in out, out
     assert f"the last good checkpoint {ckpt(tmp_path / 'stop', 1)} is intact" in out
     assert latest_step(tmp_path / "stop") == 1 and verify(ckpt(tmp_path / "stop", 1)) is None

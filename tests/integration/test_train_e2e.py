@@ -11,12 +11,22 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_overrides
+from distgan.data.shards import write_shards
+from distgan.errors import DistganError
+from tests.helpers import REPO, make_image_folder, tiny_overrides
+
+ENTRIES = {
+    "script": [sys.executable, str(REPO / "distgan" / "train.py")],
+    "cli": [sys.executable, "-m", "distgan", "train"],
+    "module": [sys.executable, "-m", "distgan.train"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+                 "distgan.train"],
+}
+"""Every way to start `distgan train` (accelerate launch runs the script or module the same way)."""
 
 
 def run_train(args: list[str], entry: str = "script", timeout: int = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "distgan" / "train.py")] if entry == "script" else [sys.executable, "-m", "distgan.cli", "train"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(ENTRIES[entry] + args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_train_script_writes_a_complete_run_folder(tiny_shards, tmp_path):
@@ -70,9 +80,6 @@ def test_dry_run_prints_config_and_sizes(tiny_shards, tmp_path):
 
 
 def test_conditional_without_labels_is_refused(tmp_path):
-    from tests.conftest import make_image_folder
-    from distgan.data.shards import write_shards
-
     flat = tmp_path / "flat"
     make_image_folder(tmp_path / "imgs", n_per_class=8, classes=("only",))
     write_shards(str(tmp_path / "imgs" / "only"), flat, resolution=16, crop="none", shard_size=8, progress=False)
@@ -85,34 +92,76 @@ def test_sample_command_grid_and_folder(tiny_shards, tmp_path):
     run = tmp_path / "run"
     assert run_train(tiny_overrides(tiny_shards, run, "model.conditional=true")).returncode == 0
     grid = tmp_path / "grid.png"
-    out = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "8", "--out", str(grid)],
+    out = subprocess.run([sys.executable, "-m", "distgan", "sample", "--ckpt", str(run), "--n", "8", "--out", str(grid)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert Image.open(grid).size[0] > 16
     folder = tmp_path / "many"
-    out = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "5", "--class", "1",
+    out = subprocess.run([sys.executable, "-m", "distgan", "sample", "--ckpt", str(run), "--n", "5", "--class", "1",
                           "--out", str(folder)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     files = sorted(folder.glob("*.png"))
     assert len(files) == 5 and Image.open(files[0]).size == (16, 16)
-    bad = subprocess.run([sys.executable, "-m", "distgan.cli", "sample", "--ckpt", str(run), "--n", "2", "--class", "9",
+    bad = subprocess.run([sys.executable, "-m", "distgan", "sample", "--ckpt", str(run), "--n", "2", "--class", "9",
                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 1 and "out of range" in bad.stderr
+    assert bad.returncode == DistganError.exit_code and "out of range" in bad.stderr
 
 
 def test_every_command_help_has_an_example():
-    for cmd in ([], ["train"], ["sample"], ["shards"], ["bench"]):
-        out = subprocess.run([sys.executable, "-m", "distgan.cli", *cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+    for cmd in ([], ["train"], ["sample"], ["shards"], ["eval"], ["report"], ["bench"]):
+        out = subprocess.run([sys.executable, "-m", "distgan", *cmd, "--help"], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0, out.stderr
         assert "Example" in out.stdout, cmd
 
 
-def test_python_api_is_callable_whatever_the_import_order(tiny_shards, tmp_path):
+@pytest.mark.parametrize("entry", ["module", "torchrun"])
+def test_module_entry_points_dry_run(entry, tiny_shards, tmp_path):
+    """`python -m distgan.train` and `torchrun -m distgan.train` (what `accelerate launch -m` runs)."""
+    proc = run_train(tiny_overrides(tiny_shards, tmp_path / "r") + ["--dry-run"], entry=entry)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resolution: 16" in proc.stdout and "parameters" in proc.stdout
+
+
+def test_torchrun_module_trains_a_few_steps(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_shards, run, "train.steps=2", "train.log_every=1"), entry="torchrun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+IMPORT_EVERYTHING = """
+import importlib, pathlib, sys
+import distgan
+api = distgan.train
+root = pathlib.Path(distgan.__file__).parent
+names = sorted(".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+               for p in root.rglob("*.py"))
+entry_points = ("distgan.train", "distgan.__main__")  # run when imported; nothing imports them
+names = [n for n in names if n not in entry_points]
+for name in (reversed(names) if sys.argv[1] == "reversed" else names):
+    importlib.import_module(name)
+    assert distgan.train is api, f"importing {name} replaced distgan.train by {distgan.train!r}"
+print(len(names))
+"""
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_python_api_is_callable_whatever_the_import_order(order):
+    """Importing every library module and the CLI, in either order, leaves `distgan.train` the
+    API function (only `import distgan.train`, the launcher, would rebind it: nothing does)."""
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING, order], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout) > 40
+
+
+def test_python_api_trains(tiny_shards, tmp_path):
     import distgan
-    import distgan.train  # noqa: F401 - importing the submodule rebinds the package attribute
+    import distgan.cli  # noqa: F401 - the CLI and the library it loads leave the API function in place
     from distgan.config import load_config
     from distgan.tracking import read_metrics
 
+    assert callable(distgan.train) and distgan.train.__module__ == "distgan"
     cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path / "api"))
     run_dir = distgan.train(cfg, {"train.steps": 2, "train.log_every": 1})
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]

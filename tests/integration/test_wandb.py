@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from distgan.checkpoint import read_checkpoint
 from distgan.config import ConfigError, load_config
 from distgan.tracking import STEP_KEY, resolve_wandb_mode, wandb_credentials
-from tests.conftest import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 from tests.wandb_reader import find_runs, read_run
 
 EXIT_PREEMPTED = 17
@@ -76,9 +77,8 @@ def test_offline_run_logs_everything_and_a_requeue_continues_the_same_run(tiny_s
     a, b = (read_run(f) for f in files)
 
     # Same W&B run: the id went into the checkpoint and came back on resume.
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
-    assert a.run_id == b.run_id == state["wandb_id"] != ""
+    state = read_checkpoint(run)  # the run folder's latest checkpoint
+    assert a.run_id == b.run_id == state.tracker_id != ""
     for r in (a, b):
         assert (r.project, r.name, r.group, r.tags) == ("distgan-test", "wbrun", "g1", ["t1", "t2"])
         # The resolved config, section by section.

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from distgan.config import Config, ConfigError, describe, field_docs, load_config, parse_override
+from distgan.config import Config, ConfigError, describe, field_docs, load_config, parse_override, rule_of
 
 
 def write(tmp_path, text):
@@ -72,16 +72,54 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("loss.objective=hinj", "Did you mean 'hinge'"),
-    ("data.resolution=48", "power of two"),
-    ("data.resolution=512", "16 to 256"),
+    ("data.resolution=48", r"'dcgan' does not support resolution 48 \(data\.resolution\); supported resolutions: "
+                           "16, 32, 64, 128, 256"),
+    ("data.resolution=512", r"'dcgan' does not support resolution 512 \(data\.resolution\); supported resolutions: "
+                            "16, 32, 64, 128, 256"),
     ("data.channels=4", "1 or 3"),
     ("optim.d_steps=0", "at least 1"),
     ("loss.diffaugment=color,transl", "translation"),
     ("dist.mixed_precision=fp8", "bf16"),
+    ("optim.g_lr=-1", r"optim\.g_lr=-1\.0: must be greater than 0"),
+    ("optim.d_lr=0", r"optim\.d_lr=0\.0: must be greater than 0"),
+    ("data.batch_size=0", r"data\.batch_size=0: must be at least 1"),
+    ("data.batch_size=-4", r"data\.batch_size=-4: must be at least 1"),
+    ("optim.g_betas=[0.5,1.0]", r"optim\.g_betas=\[0\.5, 1\.0\]: each value must be at least 0 and less than 1"),
+    ("optim.d_betas=[-0.1,0.9]", r"optim\.d_betas=\[-0\.1, 0\.9\]: each value must be at least 0 and less than 1"),
+    ("optim.grad_clip=-1", r"optim\.grad_clip=-1\.0: must be at least 0"),
+    ("data.max_skip_fraction=1.5", r"data\.max_skip_fraction=1\.5: must be at least 0 and at most 1"),
+    ("model.g_width=0", r"model\.g_width=0: must be at least 1"),
+    ("model.z_dim=0", r"model\.z_dim=0: must be at least 1"),
+    ("model.g_norm=layer", r"model\.g_norm='layer': must be 'batch' or 'none'"),
+    ("model.arch=dcgn", r"model\.arch='dcgn' is not a known architecture\. Did you mean 'dcgan'\?"),
+    ("dist.zero_stage=5", r"dist\.zero_stage=5: must be 0, 1, 2 or 3"),
 ])
 def test_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_resolution_limits_come_from_the_architecture():
+    """The registry, not config.py, says which sizes an arch supports."""
+    from distgan.models import register_arch
+    from distgan.models import registry
+
+    @register_arch("test-only-32", resolutions=(32,))
+    def _build(cfg, resolution, channels, num_classes):  # pragma: no cover - never built
+        raise AssertionError
+
+    try:
+        assert load_config(None, ["model.arch=test-only-32", "data.resolution=32"]).data.resolution == 32
+        with pytest.raises(ConfigError, match=r"'test-only-32' does not support resolution 64 \(data\.resolution\)"):
+            load_config(None, ["model.arch=test-only-32", "data.resolution=64"])
+    finally:
+        registry._REGISTRY.pop("test-only-32")
+        registry.ARCHS.remove("test-only-32")
+
+
+def test_rules_are_declared_with_the_fields_and_listed_by_help_config():
+    assert rule_of("optim.g_lr").greater_than == 0 and rule_of("data.source") is None
+    assert "optim.g_lr = 0.0002 (must be greater than 0)" in describe()
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

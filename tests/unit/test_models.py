@@ -168,13 +168,6 @@ def test_bad_channels(ch):
         build_models(tiny("dcgan"), 32, ch, 0)
 
 
-def test_bad_widths_and_norm():
-    with pytest.raises(ConfigError, match="model.g_width"):
-        build_models(ModelConfig(g_width=0), 32, 3, 0)
-    with pytest.raises(ConfigError, match="model.g_norm"):
-        build_models(ModelConfig(g_norm="layer"), 32, 3, 0)
-
-
 @pytest.mark.parametrize("num_classes", [0, 1])
 def test_conditional_without_classes(num_classes):
     with pytest.raises(ConfigError, match="model.conditional=true needs labelled data") as e:

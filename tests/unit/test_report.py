@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from distgan.report import ReportError, clean_rows, latest_grid, render
-from distgan.samples import save_grid
-from tests.conftest import REPO
+from distgan.sampling import save_grid
+from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,10 +84,10 @@ def test_report_command(tmp_path):
     run = tmp_path / "run"
     write_run(run, restart_at=None)
     out = tmp_path / "r.png"
-    proc = subprocess.run([sys.executable, "-m", "distgan.cli", "report", str(run), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "distgan", "report", str(run), "--out", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {out}" and out.read_bytes()[:8] == PNG_MAGIC
-    bad = subprocess.run([sys.executable, "-m", "distgan.cli", "report", str(tmp_path / "samples-only")],
+    bad = subprocess.run([sys.executable, "-m", "distgan", "report", str(tmp_path / "samples-only")],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "does not exist" in bad.stderr  # click checks the folder

@@ -3,7 +3,7 @@
 
 def test_conditional_grid_has_one_row_per_class():
     """The fixed sample latents put exactly one class in each grid row (2 classes here)."""
-    from distgan.samples import fixed_latents, grid_layout
+    from distgan.sampling import fixed_latents, grid_layout
 
     n, per_row = grid_layout(64, 2)
     assert (n, per_row) == (64, 32)

@@ -21,10 +21,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from distgan.data.builtin import FASHION_CLASSES, materialize
-from distgan.data.shards import MANIFEST, ShardsError, Source, shards_command, write_shards
+from distgan.cli import main
+from distgan.data.builtin import FASHION_CLASSES
+from distgan.data.cache import materialize
+from distgan.data.format import MANIFEST, ShardsError, Source
+from distgan.data.shards import write_shards
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def make_folder(root: Path, classes=("cat", "dog"), per_class=12, size=16, seed=0) -> dict[bytes, int]:
@@ -55,7 +58,7 @@ def test_cli_folder_manifest_and_bad_files(tmp_path):
     (src / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (src / "dog" / "notes.txt").write_text("hello")
     (src / ".DS_Store").write_bytes(b"\0")  # hidden: ignored silently
-    res = CliRunner().invoke(shards_command, [str(src), str(out), "--resolution", "16", "--crop", "none",
+    res = CliRunner().invoke(main, ["shards", str(src), str(out), "--resolution", "16", "--crop", "none",
                                               "--shard-size", "5", "--workers", "2", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "24 samples in 5 shards" in res.output and "2 skipped" in res.output
@@ -80,15 +83,15 @@ def test_cli_folder_manifest_and_bad_files(tmp_path):
 
 def test_help_example_refuse_nonempty_and_overwrite(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(shards_command, ["--help"])
+    res = runner.invoke(main, ["shards", "--help"])
     assert res.exit_code == 0 and "Example" in res.output and "distgan shards" in res.output
     src, out = tmp_path / "src", tmp_path / "out"
     make_folder(src, per_class=3)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    res = runner.invoke(shards_command, [str(src), str(out), "--resolution", "8", "--quiet", "--workers", "1"])
-    assert res.exit_code != 0 and "--overwrite" in res.output
-    res = runner.invoke(shards_command, [str(src), str(out), "--resolution", "8", "--quiet", "--overwrite",
+    res = runner.invoke(main, ["shards", str(src), str(out), "--resolution", "8", "--quiet", "--workers", "1"])
+    assert res.exit_code == ShardsError.exit_code and "--overwrite" in res.stderr
+    res = runner.invoke(main, ["shards", str(src), str(out), "--resolution", "8", "--quiet", "--overwrite",
                                          "--workers", "1", "--prefix", "val", "--format", "jpg"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / MANIFEST).read_text())
@@ -98,7 +101,7 @@ def test_help_example_refuse_nonempty_and_overwrite(tmp_path):
 
 
 def test_sigkill_leaves_only_complete_shards(tmp_path):
-    """Kill `python -m distgan.data.shards` after its first shard: no partial *.tar, no manifest."""
+    """Kill `python -m distgan shards` after its first shard: no partial *.tar, no manifest."""
     src, out = tmp_path / "src", tmp_path / "out"
     (src / "a").mkdir(parents=True)
     big = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
@@ -106,7 +109,7 @@ def test_sigkill_leaves_only_complete_shards(tmp_path):
     for i in range(1, 600):  # same bytes, many files: slow enough to be killed mid-run
         os.link(src / "a" / "0.png", src / "a" / f"{i}.png")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "distgan.data.shards", str(src), str(out), "--resolution", "32",
+    cmd = [sys.executable, "-m", "distgan", "shards", str(src), str(out), "--resolution", "32",
            "--shard-size", "20", "--workers", "1", "--quiet", "--no-shuffle"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
@@ -119,7 +122,7 @@ def test_sigkill_leaves_only_complete_shards(tmp_path):
     assert tars and all(len(tar_samples(t)) == 20 for t in tars)  # every *.tar is a whole shard
     assert all(p.suffix in (".tar", ".tmp") for p in out.iterdir())
     # A rerun must be told to overwrite; then it completes.
-    assert subprocess.run(cmd, env=env, capture_output=True).returncode != 0
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == ShardsError.exit_code
     done = subprocess.run(cmd + ["--overwrite"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     m = json.loads((out / MANIFEST).read_text())

@@ -17,7 +17,7 @@ from PIL import Image
 
 from distgan.config import DataConfig
 from distgan.data import DataError, build_stream
-from distgan.data.builtin import materialize
+from distgan.data.cache import materialize
 from distgan.data.decode import decode_sample, to_channels
 from distgan.data.shards import MANIFEST, write_shards
 

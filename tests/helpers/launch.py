@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-HARNESS = REPO / "tests" / "integration" / "rank_harness.py"
+from tests.helpers import REPO, free_port
+
+HARNESS = REPO / "tests" / "helpers" / "rank_harness.py"
 TRAIN = REPO / "distgan" / "train.py"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:

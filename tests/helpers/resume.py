@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,13 +11,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from distgan.checkpoint import read_checkpoint
+from distgan.data.shards import write_shards
+
 NETS = ("G", "D", "G_ema")
 
 
 def make_shards(root: Path) -> Path:
     """64 random 16x16 RGB images in 4 shards of 16 (with dataset.json)."""
-    from distgan.data.shards import write_shards
-
     rng = np.random.default_rng(0)
     (root / "img").mkdir()
     for i in range(64):
@@ -53,8 +53,8 @@ def assert_identical(a: Path, b: Path) -> None:
         for i in oa:
             for key in oa[i]:
                 assert torch.equal(oa[i][key], ob[i][key]), f"optim_{net} {i}.{key} differs"
-    sa, sb = (json.loads((p / "state.json").read_text()) for p in (a, b))
-    assert (sa["step"], sa["d_step"], sa["nimg"]) == (sb["step"], sb["d_step"], sb["nimg"])
+    sa, sb = read_checkpoint(a), read_checkpoint(b)
+    assert (sa.step, sa.d_step, sa.nimg) == (sb.step, sb.d_step, sb.nimg)
 
 
 def latest_step(run_dir: Path) -> int:

@@ -1,10 +1,11 @@
-"""A minimal multi-process launcher for tests: `python tests/integration/ranks.py N PID_DIR -- ARGS`.
+"""A minimal multi-process launcher for tests: `python tests/helpers/ranks.py N PID_DIR -- ARGS`.
 
 It does what `torchrun --nproc_per_node N` does for a CPU run (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR/PORT in each process's environment; accelerate then forms a gloo group), but the
 ranks are forked from one process that has already imported torch and distgan, which saves
-several seconds per launch on a small CI machine. Each rank runs `distgan train ARGS` and writes
-its pid to PID_DIR/rank-R.pid (so a test can signal one rank). The exit code is the ranks'
+several seconds per launch on a small CI machine. Each rank trains like `distgan train ARGS`
+(through `rank_harness.main`, so DISTGAN_TEST_* behaviours apply) and writes its pid to
+PID_DIR/rank-R.pid (so a test can signal one rank). The exit code is the ranks'
 common exit code (17 when all were preempted), else the first non-zero one; a rank killed by a
 signal counts as 128 + the signal number.
 
@@ -15,24 +16,18 @@ The training path is the same as under `accelerate launch`; tests that need the 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
+from rank_harness import main as train_main  # a sibling script; imports torch and distgan once, before forking
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from distgan.distributed import free_port
 
 def main(argv: list[str]) -> int:
     n, pid_dir, sep, *args = argv
     assert sep == "--", "usage: ranks.py N PID_DIR -- TRAIN_ARGS"
     n, pid_dir = int(n), Path(pid_dir)
     pid_dir.mkdir(parents=True, exist_ok=True)
-    from distgan.cli import train_command  # the heavy imports, once, before forking
-
     port = free_port()
     pids = []
     for rank in range(n):
@@ -45,10 +40,7 @@ def main(argv: list[str]) -> int:
             (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
             code = 1
             try:
-                train_command.main(args=args, prog_name="distgan train", standalone_mode=True)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = train_main(args)
             except BaseException:  # noqa: BLE001 - report, then exit like a crashed rank
                 import traceback
 

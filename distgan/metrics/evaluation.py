@@ -4,7 +4,7 @@
   rank (each rank generates and featurizes its share; `metrics.evaluate` is collective) against
   real images from a separate stream over the training data with hflip off, and says whether
   the result is the best so far (the trainer then keeps the best checkpoint).
-* `distgan eval --ckpt PATH`: `evaluate_checkpoint` scores a saved generator in one process and
+* `distgan eval --ckpt PATH` (distgan/cli/eval.py): `evaluate_checkpoint` scores a saved generator in one process and
   returns the scores with the settings that produced them (printed as one JSON line).
 
 Every input problem (missing Inception weights, real data of another resolution than the
@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import click
+import torch
 
 from distgan.config import Config, DataConfig, EvalConfig
-
-# torch, torchmetrics (2-3 s) and the data stream are imported inside the functions: this
-# module also holds the `distgan eval` click command, which `distgan --help` loads.
+from distgan.data.stream import build_stream, resolve_shards
+from distgan.errors import EvalError
+from distgan.metrics.extractors import resolve_inception_weights
+from distgan.metrics.fid import evaluate
+from distgan.sampling import generate, load_generator
 
 log = logging.getLogger("distgan")
 
 EVAL_PREFIX = "eval/"
-BEST_KEY = "best_fid"
-"""TrainState.extra key holding the best FID so far (saved with every checkpoint, so a
-requeued run keeps comparing against it)."""
 
 
 # ---------------------------------------------------------------------------- checks and inputs
@@ -46,8 +43,6 @@ def resolve_weights(extractor: str, weights: str = "") -> str:
     source listed when none is available (e.g. offline without the file)."""
     if extractor == "tiny":
         return ""
-    from distgan.metrics import resolve_inception_weights
-
     return str(resolve_inception_weights(weights))
 
 
@@ -69,8 +64,6 @@ def usable_real(num_samples: int, batch_size: int, world_size: int) -> tuple[int
 
 
 def check_enough_real(n: int, available: int, source: str, key: str = "eval.n_samples") -> None:
-    from distgan.metrics import EvalError
-
     if n < 2:
         raise EvalError(f"{key}={n}: FID needs at least 2 images")
     if available < n:
@@ -91,8 +84,6 @@ def real_id(data: DataConfig, seed: int, world_size: int, batch_size: int) -> st
 
 def _ema_generate(G, batch_size: int):
     """(z, labels) -> images in [-1, 1], float32, G in eval mode (independent samples)."""
-    from distgan.samples import generate
-
     return lambda z, c: generate(G, z, c, batch_size=batch_size).float()
 
 
@@ -124,9 +115,6 @@ class TrainingEvaluator:
 
     def run(self, G_ema, nimg: int) -> dict[str, Any]:
         """Scores as a log row (eval/fid, eval/kid, ..., with the settings). Every rank calls it."""
-        from distgan.data import build_stream
-        from distgan.metrics import evaluate
-
         b, ev = self.backend, self.cfg.eval
         start = time.perf_counter()
         # A fresh stream each time: the same real images at every evaluation (and no extra
@@ -147,16 +135,6 @@ class TrainingEvaluator:
                  result["kid_std"], result["extractor"], result["n_real"], result["n_fake"], nimg / 1000)
         return row
 
-    @staticmethod
-    def improved(row: dict[str, Any], extra: dict[str, Any]) -> bool:
-        """Record the FID in `extra` (TrainState.extra) when it beats the best so far."""
-        fid = float(row[f"{EVAL_PREFIX}fid"])
-        best = extra.get(BEST_KEY)
-        if fid == fid and (best is None or fid < best):  # NaN never wins
-            extra[BEST_KEY] = fid
-            return True
-        return False
-
 
 # ---------------------------------------------------------------------------- a saved checkpoint
 
@@ -169,18 +147,9 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None
     Returns the scores and the settings (ckpt, step, kimg, data, resolution, n, extractor,
     weights, resize, seed, generator). `progress(msg)` is told when generation starts.
     """
-    from distgan.checkpoint import resolve_checkpoint
-    from distgan.data import build_stream
-    from distgan.data.stream import resolve_shards
-    import torch
-
-    from distgan.metrics import EvalError, evaluate
-    from distgan.sampling import load_generator
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_checkpoint(ckpt)
-    meta = json.loads((path / "state.json").read_text())
-    G, cfg, extra = load_generator(path, raw=raw, device=device)
+    G, cfg, info = load_generator(ckpt, raw=raw, device=device)
+    path = info.path
     ev = cfg.eval
     n = ev.n_samples if n is None else n
     extractor = extractor or ev.extractor
@@ -213,39 +182,6 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None
                           n_real_available=available, resolution=res)
     finally:
         stream.close()
-    return {**result, "weights": weights_path, "ckpt": str(path), "step": meta.get("step"),
-            "kimg": meta.get("nimg", 0) / 1000, "data": source, "resolution": res, "n": n, "seed": seed,
+    return {**result, "weights": weights_path, "ckpt": str(path), "step": info.step,
+            "kimg": info.nimg / 1000, "data": source, "resolution": res, "n": n, "seed": seed,
             "generator": "raw" if raw else "ema", "seconds": round(time.perf_counter() - start, 3)}
-
-
-@click.command("eval")
-@click.option("--ckpt", required=True, type=click.Path(exists=True), help="Checkpoint folder or run folder (its latest checkpoint).")
-@click.option("--data", "data", default=None, help="Real images (any data.source); default: the checkpoint's training data.")
-@click.option("--n", "n", type=int, default=None, help="Generated and real images (default: the run's eval.n_samples).")
-@click.option("--extractor", type=click.Choice(["inception", "tiny"]), default=None,
-              help="Feature network (default: the run's eval.extractor); `tiny` is for smoke tests only.")
-@click.option("--weights", default=None, type=click.Path(), help="Inception weights file (TorchScript or pytorch-fid state dict).")
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass (default: the run's eval.batch_size).")
-@click.option("--seed", default=0, show_default=True, help="Latent seed of the generated images.")
-@click.option("--raw", is_flag=True, help="Evaluate the raw generator instead of the EMA generator.")
-def eval_command(ckpt: str, data: str | None, n: int | None, extractor: str | None, weights: str | None,
-                 batch_size: int | None, seed: int, raw: bool) -> None:
-    """FID/KID of a checkpoint; prints one JSON line with the scores and their settings.
-
-    \b
-    Examples:
-      distgan eval --ckpt runs/default --n 5000
-      distgan eval --ckpt runs/default/checkpoints/step-000003000 --data data/shards --weights pt_inception.pth
-      distgan eval --ckpt runs/default --n 256 --extractor tiny      # quick smoke check, not a real FID
-    """
-    from distgan.checkpoint import CheckpointError
-    from distgan.data import DataError
-    from distgan.metrics import EvalError
-
-    try:
-        result = evaluate_checkpoint(ckpt, data=data, n=n, extractor=extractor, weights=weights, batch_size=batch_size,
-                                     seed=seed, raw=raw, progress=lambda msg: click.echo(f"distgan eval: {msg}", err=True))
-    except (EvalError, DataError, CheckpointError, ValueError) as e:
-        click.echo(f"distgan: error: {e}", err=True)
-        sys.exit(1)
-    click.echo(json.dumps(result))

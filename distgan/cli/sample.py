@@ -1,0 +1,27 @@
+"""`distgan sample`: images from a checkpoint's generator."""
+
+from __future__ import annotations
+
+import click
+
+from distgan.sampling import sample_to
+
+
+@click.command("sample")
+@click.option("--ckpt", required=True, type=click.Path(exists=True), help="Checkpoint folder or run folder (its latest checkpoint).")
+@click.option("--n", "n", default=64, show_default=True, help="Number of images.")
+@click.option("--out", required=True, type=click.Path(), help="A .png file for a grid, or a folder for N separate PNGs.")
+@click.option("--seed", default=0, show_default=True, help="Latent seed (the same seed gives the same images).")
+@click.option("--class", "class_", type=int, default=None, help="Class index for a conditional model (default: one row per class).")
+@click.option("--raw", is_flag=True, help="Use the raw generator instead of the EMA generator.")
+def sample_command(ckpt: str, n: int, out: str, seed: int, class_: int | None, raw: bool) -> None:
+    """Generate images from a checkpoint.
+
+    \b
+    Examples:
+      distgan sample --ckpt runs/default --n 64 --out grid.png
+      distgan sample --ckpt runs/cond/checkpoints/step-000005000 --n 16 --class 3 --out cls3.png
+      distgan sample --ckpt runs/default --n 1000 --out fakes/      # 1000 separate PNGs
+    """
+    path = sample_to(ckpt, n=n, out=out, seed=seed, class_index=class_, raw=raw)
+    click.echo(f"wrote {path}")
