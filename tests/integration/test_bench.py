@@ -1,0 +1,28 @@
+"""`distgan bench loop` reports what the issue asks of it: the median ratio, the milliseconds per
+step distgan adds, and every round. Only the report's shape and arithmetic are asserted here;
+timings never decide a test (this machine is too noisy)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from click.testing import CliRunner
+
+from distgan.cli import main
+
+TINY = ["data.resolution=16", "data.batch_size=4", "model.g_width=4", "model.d_width=4", "model.z_dim=8"]
+
+
+def test_bench_loop_reports_median_ratio_difference_and_every_round():
+    result = CliRunner().invoke(main, ["bench", "loop", "--steps", "2", "--rounds", "3", *TINY])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    rounds = report["rounds"]
+    assert report["benchmark"] == "loop" and report["steps"] == 2 and len(rounds) == 3
+    for r in rounds:
+        assert r["plain_ms"] > 0 and r["distgan_ms"] > 0
+        assert abs(r["ratio"] - r["distgan_ms"] / r["plain_ms"]) < 1e-3
+        assert abs(r["diff_ms"] - (r["distgan_ms"] - r["plain_ms"])) < 1e-2
+    assert report["ratio"] == statistics.median(r["ratio"] for r in rounds)
+    assert report["diff_ms_per_step"] == statistics.median(r["diff_ms"] for r in rounds)
