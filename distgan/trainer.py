@@ -55,12 +55,12 @@ class TrainerHooks:
         """Every part of a checkpoint is in `folder`; its manifest and rename come next."""
 
     def fit_end(self, trainer: "Trainer", status: str) -> None:
-        """`fit` is returning `status` ("done" or "preempted")."""
+        """`fit` is returning `status` ("done" or "preempted"; not called when it raises)."""
 
 
 class StatMeter:
-    """Device scalars of the steps since the last log step, averaged over the window and the
-    ranks with one collective and one host sync. Losses are kept with their (step, phase), so a
+    """Device statistics of the steps since the last log step (kept as they are, no per-step
+    reduction), averaged over the window and the ranks with one collective and one host sync. Losses are kept with their (step, phase), so a
     NaN/inf is found (and named) in the same read-back."""
 
     def __init__(self) -> None:
@@ -95,7 +95,9 @@ class StatMeter:
         if not self.values:
             return {}
         names = sorted(self.values)
-        stacked = torch.stack([torch.stack(self.values[n]).float().mean() for n in names])
+        # Per-sample values (D outputs) and scalars alike: the mean over every value of the window,
+        # which for equal batches is the mean of the per-step means.
+        stacked = torch.stack([torch.cat([v.reshape(-1) for v in self.values[n]]).float().mean() for n in names])
         values = backend.all_reduce_mean(stacked).tolist()  # collective + the one host sync
         self.values.clear()
         return dict(zip(names, values))
@@ -145,6 +147,8 @@ class Trainer:
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
         self._fp16_skips = 0
+        self._bar: tqdm | None = None
+        self._window = (0.0, 0, 0)
         n_samples, self.sample_nrow = grid_layout(64, self.num_classes)  # one row per class when conditional
         self.sample_z, self.sample_c = fixed_latents(n_samples, G.z_dim, self.num_classes, cfg.train.seed, backend.device)
         self._saved_step = -1  # step of this process's last checkpoint (same on every rank)
@@ -173,9 +177,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> str:
-        cfg, b, st = self.cfg, self.backend, self.state
-        steps = cfg.train.steps
-        self.tracker = self._tracker_cls(cfg, self.run_dir, b.is_main, run_id=self.facts.tracker_id)
+        """Train to `train.steps`, or until the ranks agree to stop for a preemption (with a
+        checkpoint saved). Returns "done" or "preempted"."""
+        self.start()
+        status = "done"
+        try:
+            while self.state.step < self.cfg.train.steps:
+                if not self.advance():
+                    status = "preempted"
+                    break
+        except BaseException:
+            self.finish("failed")
+            raise
+        self.finish(status)
+        return status
+
+    def start(self) -> None:
+        """Open the tracker, start fetching data, apply a resumed RNG state."""
+        b = self.backend
+        self.tracker = self._tracker_cls(self.cfg, self.run_dir, b.is_main, run_id=self.facts.tracker_id)
         self.facts.tracker_id = self.tracker.run_id
         self.data.start()
         # Applied here, after the set-up above, so the next step draws exactly the random numbers
@@ -183,49 +203,57 @@ class Trainer:
         self.rng.apply_loaded()
         if b.is_main:
             (self.run_dir / "DONE").unlink(missing_ok=True)  # a resumed run with more steps is not done yet
-        bar = _progress(cfg, b.is_main, st.step)
-        last_time, last_nimg, last_step = time.perf_counter(), st.nimg, st.step
-        status = "done"
-        try:
-            while st.step < steps:
-                for hook in self.hooks:
-                    hook.step_start(self)
-                nimg_before = st.nimg
-                self.train_step(measure=self._log_due(st.step + 1))
-                st.step += 1
-                bar.update(1)
-                final = st.step == steps
-                if self._log_due(st.step):
-                    now = time.perf_counter()
-                    row = self._log_row(now - last_time, st.nimg - last_nimg, st.step - last_step)
-                    last_time, last_nimg, last_step = now, st.nimg, st.step
-                    bar.set_postfix_str(_postfix(row), refresh=False)
-                if st.step % cfg.train.sample_every == 0 or final:
-                    self.write_samples()
-                preempted = self.preempt.requested(st.step)  # collective: all ranks agree
-                if st.step % cfg.train.ckpt_every == 0 or final or preempted:
-                    self.save()
-                leaving = preempted and not final  # no time for an evaluation then
-                if self.evaluator and not leaving and self.evaluator.due(st.nimg, st.nimg - nimg_before, final):
-                    with isolated_rng(), signals_blocked():  # must not change what training draws next
-                        last_time += self.evaluate()  # collective; its time is kept out of img/s
-                if leaving:
-                    status = "preempted"
-                    log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
-                    break
-        finally:
-            self.data.close()
-            bar.close()
-            self.tracker.finish()
-            if status != "preempted":
-                # After a preemption the handlers stay until exit: the launcher follows a rank's
-                # exit with SIGTERM to the others, which must not kill them while they shut down.
-                self.preempt.close()
-        if status == "done" and b.is_main:
-            (self.run_dir / "DONE").write_text(f"{st.step}\n")
+        self._bar = _progress(self.cfg, b.is_main, self.state.step)
+        self._window = (time.perf_counter(), self.state.nimg, self.state.step)  # since the last log row
+
+    def advance(self) -> bool:
+        """One generator step, then whatever falls due after it: the log row, sample grids, the
+        preemption poll, a checkpoint, an evaluation. False when the run must stop for a preemption
+        (its checkpoint is saved)."""
+        cfg, st = self.cfg, self.state
+        for hook in self.hooks:
+            hook.step_start(self)
+        nimg_before = st.nimg
+        self.train_step(measure=self._log_due(st.step + 1))
+        st.step += 1
+        self._bar.update(1)
+        final = st.step == cfg.train.steps
+        if self._log_due(st.step):
+            now = time.perf_counter()
+            start, nimg, step = self._window
+            row = self._log_row(now - start, st.nimg - nimg, st.step - step)
+            self._window = (now, st.nimg, st.step)
+            self._bar.set_postfix_str(_postfix(row), refresh=False)
+        if st.step % cfg.train.sample_every == 0 or final:
+            self.write_samples()
+        preempted = self.preempt.requested(st.step)  # collective: all ranks agree
+        if st.step % cfg.train.ckpt_every == 0 or final or preempted:
+            self.save()
+        leaving = preempted and not final  # no time for an evaluation then
+        if self.evaluator and not leaving and self.evaluator.due(st.nimg, st.nimg - nimg_before, final):
+            with isolated_rng(), signals_blocked():  # must not change what training draws next
+                seconds = self.evaluate()  # collective; its time is kept out of img/s
+            start, nimg, step = self._window
+            self._window = (start + seconds, nimg, step)
+        if leaving:
+            log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
+        return not leaving
+
+    def finish(self, status: str) -> None:
+        """Stop the data thread, the progress bar and the tracker; mark a completed run DONE."""
+        self.data.close()
+        self._bar.close()
+        self.tracker.finish()
+        if status != "preempted":
+            # After a preemption the handlers stay until exit: the launcher follows a rank's
+            # exit with SIGTERM to the others, which must not kill them while they shut down.
+            self.preempt.close()
+        if status == "failed":
+            return
+        if status == "done" and self.backend.is_main:
+            (self.run_dir / "DONE").write_text(f"{self.state.step}\n")
         for hook in self.hooks:
             hook.fit_end(self, status)
-        return status
 
     def train_step(self, measure: bool = False) -> None:
         """One generator step: the due phases, each with its micro-batches. `measure` asks the

@@ -160,6 +160,7 @@ class Backend(ABC):
         self.optimizer_state: Any = ReplicatedOptimizers(self)
         """Checkpoint part (`save(folder)` / `load(folder)`, a collective) holding the optimizers."""
         self._trainable: str | None = None
+        self._switchable: dict[str, list[nn.Parameter]] = {}
         self._handles: dict[Phase, PhaseHandle] = {}
 
     @property
@@ -198,8 +199,12 @@ class Backend(ABC):
         when the trained network changes: consecutive D phases pay nothing."""
         if self._trainable == net:
             return
-        for name, module in self._frozen_modules().items():
-            module.requires_grad_(name == net)
+        if not self._switchable:
+            # Flat parameter lists, built once: Module.requires_grad_ walks every submodule.
+            self._switchable = {name: list(m.parameters()) for name, m in self._frozen_modules().items()}
+        for name, params in self._switchable.items():
+            for p in params:
+                p.requires_grad_(name == net)
         self._trainable = net
 
     def autocast(self) -> contextlib.AbstractContextManager:

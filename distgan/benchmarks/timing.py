@@ -1,8 +1,8 @@
-"""What every in-process benchmark shares: batches held in memory, a stream over them, the
-seconds per step of distgan's Trainer, and the benchmark config.
+"""What every in-process benchmark shares: batches held in memory, a stream over them, distgan's
+Trainer set up for timing (and its seconds per step), and the benchmark config.
 
-Each measurement runs 2N steps and times the second N (the first N warm up allocators, the
-loader workers and the autotuner).
+`time_distgan` runs 2N steps and times the second N (the first N warm up allocators, the loader
+workers and the autotuner).
 """
 
 from __future__ import annotations
@@ -56,18 +56,25 @@ def random_batches(cfg: Config, count: int, seed: int = 0) -> list[tuple[torch.T
     return [(torch.rand(shape, generator=g) * 2 - 1, torch.zeros(shape[0], dtype=torch.long)) for _ in range(count)]
 
 
+def bench_trainer(cfg: Config, stream, run_dir: str, steps: int) -> Trainer:
+    """distgan's Trainer as a benchmark runs it: `steps` steps in `run_dir`, one log row every
+    `log_every` steps, no W&B, no evaluation, samples and checkpoints only after the last step."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.run_dir, cfg.train.resume, cfg.train.progress = run_dir, "none", False
+    cfg.train.steps = steps
+    cfg.train.sample_every = cfg.train.ckpt_every = 10 * steps  # only at the end, after timing
+    cfg.logging.wandb, cfg.eval.every_kimg = "off", 0.0
+    torch.manual_seed(cfg.train.seed)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+    return Trainer(cfg, build_backend(cfg), stream, G, D)
+
+
 def time_distgan(cfg: Config, stream, steps: int) -> float:
     """Seconds per generator step of distgan's Trainer over the second half of 2*steps."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = copy.deepcopy(cfg)
-        cfg.train.run_dir, cfg.train.resume, cfg.train.progress = run_dir, "none", False
-        cfg.train.steps, cfg.train.log_every = 2 * steps, steps
-        cfg.train.sample_every = cfg.train.ckpt_every = 10 * steps  # only at the end, after timing
-        cfg.logging.wandb, cfg.eval.every_kimg = "off", 0.0
-        torch.manual_seed(cfg.train.seed)
-        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
-        trainer = Trainer(cfg, build_backend(cfg), stream, G, D)
-        trainer.fit()
+        cfg.train.log_every = steps
+        bench_trainer(cfg, stream, run_dir, 2 * steps).fit()
         return read_metrics(run_dir)[-1]["sec_per_step"]
 
 

@@ -14,8 +14,8 @@ its beginning instead of applying a position that belongs to another dataset.
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import signal
 import threading
 from typing import Any, Iterator, Protocol
@@ -53,11 +53,13 @@ class Prefetcher:
     """Every rank consumed as many batches as rank 0: the stream maps that position onto another
     world size (approximately, with a warning of its own)."""
 
-    def __init__(self, stream: DataStream, source: str, depth: int = 2):
+    def __init__(self, stream: DataStream, source: str, depth: int = 4):
         self.stream, self.source = stream, source
         self.state: dict[str, Any] = stream.state_dict()  # position before the first consumed batch
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._depth, self._low = depth, depth // 2
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, name="distgan-prefetch", daemon=True)
 
     def start(self) -> "Prefetcher":
@@ -79,22 +81,30 @@ class Prefetcher:
         try:
             for batch in self.stream:
                 item = (batch, self.stream.state_dict(), None)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+                with self._cond:
+                    while len(self._items) >= self._depth and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._items.append(item)
+                    self._cond.notify()
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
-            self._queue.put((None, None, e))
+            with self._cond:
+                self._items.append((None, None, e))
+                self._cond.notify()
 
     def __iter__(self) -> "Prefetcher":
         return self
 
     def __next__(self):
-        batch, state, error = self._queue.get()
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            batch, state, error = self._items.popleft()
+            if len(self._items) == self._low:
+                # Wake the fetching thread only at the low-water mark, not for every batch: each
+                # wake-up is a thread switch that the step pays for.
+                self._cond.notify()
         if error is not None:
             raise error
         self.state = state
@@ -102,12 +112,9 @@ class Prefetcher:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread (it finishes the batch it is fetching, then exits)."""
-        self._stop.set()
-        if not self._thread.is_alive():
-            return
-        while True:
-            try:
-                self._queue.get_nowait()  # unblock a put
-            except queue.Empty:
-                break
-        self._thread.join(timeout)
+        with self._cond:
+            self._stop = True
+            self._items.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)

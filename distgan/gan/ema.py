@@ -71,11 +71,9 @@ class _Pairs:
     def apply(self, beta: float) -> None:
         sources = [s.detach() for s in self.sources] if self.same_layout else [
             s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(self.targets, self.sources)]
-        # (ema - model) * beta + model, in place and batched over all tensors (one kernel launch per
-        # op instead of three per parameter); equals model + (ema - model) * beta exactly.
-        torch._foreach_sub_(self.targets, sources)
-        torch._foreach_mul_(self.targets, beta)
-        torch._foreach_add_(self.targets, sources)
+        # ema + (1 - beta) * (model - ema), in place, one pass over the weights (torch.lerp) and
+        # batched over all tensors: a third of the memory traffic of sub/mul/add.
+        torch._foreach_lerp_(self.targets, sources, 1.0 - beta)
         if self.same_layout and self.buf_targets:
             torch._foreach_copy_(self.buf_targets, self.buf_sources)
         else:
@@ -84,7 +82,8 @@ class _Pairs:
 
 
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """In place: every parameter ema = model + (ema - model) * beta; every buffer (BatchNorm
+    """In place: every parameter ema = lerp(ema, model, 1 - beta), i.e. ema + (1 - beta) *
+    (model - ema); every buffer (BatchNorm
     running stats, spectral-norm u/v vectors) copied from ``model``. ``beta >= 1`` leaves
     ``ema`` untouched (EMA disabled).
 

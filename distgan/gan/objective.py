@@ -74,16 +74,18 @@ class GANObjective:
                              real_c: torch.Tensor | None, scale: float) -> Stats:
         """Run `phase`'s terms on one micro-batch and backward their sum times `phase.gain * scale`.
 
-        Returns detached scalar statistics (kept on the device: no host sync here).
+        Returns detached statistics (scalars or per-sample values, kept on the device and averaged
+        only when logged: no host sync and no reduction here).
         """
         batch, stats = _MicroBatch(real, real_c), {}
-        loss: torch.Tensor | float = 0.0
+        loss: torch.Tensor | None = None
         for term in phase.terms:
             value, term_stats = TERMS[term](self, h, batch)
-            loss = loss + value
+            loss = value if loss is None else loss + value
             stats.update(term_stats)
         stats["loss"] = loss.detach()
-        h.backward(loss * (phase.gain * scale))
+        factor = phase.gain * scale
+        h.backward(loss * factor if factor != 1.0 else loss)
         return stats
 
     # ------------------------------------------------------------------ terms
@@ -92,7 +94,7 @@ class GANObjective:
         z, c = self.latents(self.batch_size)
         with h.autocast():
             logits = h.D(self._augment(h.G(z, c)), c)
-        return g_loss(self.cfg.objective, logits), {"D_fake": logits.detach().float().mean()}
+        return g_loss(self.cfg.objective, logits), {"D_fake": logits.detach()}
 
     def _d_adv(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
         """Discriminator adversarial loss: real and fake through D in ONE forward (a single
@@ -107,7 +109,7 @@ class GANObjective:
         with h.autocast():
             logits = h.D(both, labels).float()
         real_logits, fake_logits = logits[:n], logits[n:]
-        stats = {"D_real": real_logits.detach().mean(), "D_fake": fake_logits.detach().mean()}
+        stats = {"D_real": real_logits.detach(), "D_fake": fake_logits.detach()}
         return d_loss(self.cfg.objective, real_logits, fake_logits), stats
 
     def _gp(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
@@ -125,7 +127,7 @@ class GANObjective:
         r1 = r1_penalty(logits, real)
         # `logits * 0` keeps every D parameter in the graph (the R1 term alone never reaches the
         # final bias), which sharded/engine backends expect of each backward.
-        return (self.cfg.r1_gamma / 2) * r1.mean() + logits.sum() * 0, {"r1": r1.detach().mean()}
+        return (self.cfg.r1_gamma / 2) * r1.mean() + logits.sum() * 0, {"r1": r1.detach()}
 
 
 TERMS: dict[str, Callable[[GANObjective, PhaseHandle, _MicroBatch], tuple[torch.Tensor, Stats]]] = {

@@ -55,7 +55,8 @@ def test_update_is_exact_lerp():
     beta = 0.9
     update_ema(ema, model, beta)
     for name, p in model.named_parameters():
-        assert torch.equal(ema.get_parameter(name), p.detach() + (old[name] - p.detach()) * beta)
+        assert torch.equal(ema.get_parameter(name), torch.lerp(old[name], p.detach(), 1 - beta))
+        assert torch.allclose(ema.get_parameter(name), p.detach() + (old[name] - p.detach()) * beta, atol=1e-6)
     update_ema(ema, model, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
 
