@@ -22,6 +22,7 @@ import yaml
 
 from distgan.errors import ConfigError
 from distgan.gan.augment import POLICIES
+from distgan.gan.losses import OBJECTIVES
 from distgan.models import check_arch
 
 
@@ -136,7 +137,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = setting("logistic", choices=("logistic", "hinge", "wgan-gp", "lsgan"))
+    objective: str = setting("logistic", choices=OBJECTIVES)
     """`logistic` (non-saturating), `hinge`, `wgan-gp` or `lsgan`."""
     r1_gamma: float = setting(0.0, at_least=0)
     """Weight of the R1 penalty on real images (0 disables it)."""

@@ -60,6 +60,12 @@ def run(cfg: Config, dry_run: bool = False, *, stream_factory: Callable = build_
     with fail_fast(backend.rank, backend.world_size, cfg.dist.timeout_s):
         _setup_logging(backend.is_main)
         check_world_size(cfg.dist.expect_world_size, backend.world_size)
+        # Identical initial weights on every rank; then a different stream of latents per rank.
+        # The data and models come first: a bad source or model setting leaves no run folder behind.
+        seed_everything(cfg.train.seed)
+        stream = stream_factory(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
+        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+        seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
         run_dir = cfg.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,12 +74,8 @@ def run(cfg: Config, dry_run: bool = False, *, stream_factory: Callable = build_
                 probe.write_text("")
                 probe.unlink()
         except OSError as e:
+            stream.close()
             raise DistganError(f"cannot write to the run folder {run_dir}: {e.strerror or e}") from None
-        # Identical initial weights on every rank; then a different stream of latents per rank.
-        seed_everything(cfg.train.seed)
-        stream = stream_factory(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
-        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
-        seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
         log.info("%s; %d process(es) on %s, mixed precision %s", model_summary(G, D), backend.world_size,
                  backend.device, backend.mixed_precision)
         trainer = Trainer(cfg, backend, stream, G, D, noise=noise, hooks=hooks)

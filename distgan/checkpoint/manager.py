@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from distgan.checkpoint.files import describe_write_error, fingerprint, fsync_dir, fsync_tree, link_or_copy
-from distgan.checkpoint.format import (BEST, BEST_INFO, LATEST, STATE, load_weights, read_checkpoint, read_rank, step_dir,
+from distgan.checkpoint.format import (BEST, BEST_INFO, LATEST, load_weights, read_checkpoint, read_rank, step_dir,
                                        step_of, verify, write_manifest, write_rank, write_shared, write_weights)
 from distgan.checkpoint.state import BestRecord, Scope
 from distgan.errors import CheckpointError

@@ -17,16 +17,13 @@ Init: N(0, 0.02) for conv/linear/embedding weights, zero biases, norm gain 1 / b
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from distgan.models.layers import ProjectionHead, check_labels, make_g_norm, reset_g_norms
-from distgan.models.registry import register_arch
+from distgan.models.registry import ModelSettings, register_arch
 
-if TYPE_CHECKING:  # config imports the registry to validate model.arch: only a type here
-    from distgan.config import ModelConfig
 
 WIDTH_CAP = 8  # widths stop doubling at 8x the base width (paper: 1024 = 8 * 128 at 4x4)
 
@@ -102,7 +99,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 @register_arch("dcgan")
-def build_dcgan(cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_dcgan(cfg: ModelSettings, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build the DCGAN pair (G first, then D, so both draw from the seeded RNG in a fixed order)."""
     g = DCGANGenerator(cfg.z_dim, resolution, channels, cfg.g_width, num_classes, cfg.g_norm)
     dcgan_init(g)

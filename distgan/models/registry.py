@@ -10,16 +10,26 @@ that build models without a validated config. It raises ``ConfigError`` with a f
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from torch import nn
 
 from distgan.errors import ConfigError
 
-if TYPE_CHECKING:  # config imports this registry to validate model.arch: only a type here
-    from distgan.config import ModelConfig
 
-Builder = Callable[["ModelConfig", int, int, int], tuple[nn.Module, nn.Module]]
+class ModelSettings(Protocol):
+    """What builders read of `config.ModelConfig` (declared here, so that models never import the
+    config module, which imports this registry to validate `model.arch`)."""
+
+    arch: str
+    z_dim: int
+    g_width: int
+    d_width: int
+    conditional: bool
+    g_norm: str
+
+
+Builder = Callable[[ModelSettings, int, int, int], tuple[nn.Module, nn.Module]]
 
 RESOLUTIONS: tuple[int, ...] = (16, 32, 64, 128, 256)
 """Image sides every built-in architecture supports."""
@@ -62,7 +72,7 @@ def check_arch(arch: str, resolution: int, channels: int) -> None:
                           f"supported: {', '.join(str(c) for c in chans)}.")
 
 
-def build_models(model_cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_models(model_cfg: ModelSettings, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build ``(G, D)`` for ``model_cfg.arch`` at ``resolution`` x ``resolution`` x ``channels``.
 
     ``num_classes`` is the number of classes in the data (0: unlabelled). The models are

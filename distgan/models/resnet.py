@@ -17,16 +17,13 @@ gain 1 on shortcut 1x1 convs, linear layers, embeddings and the output conv; zer
 
 from __future__ import annotations
 import math
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from distgan.models.layers import ProjectionHead, apply_spectral_norm, check_labels, make_g_norm
-from distgan.models.registry import register_arch
+from distgan.models.registry import ModelSettings, register_arch
 
-if TYPE_CHECKING:  # config imports the registry to validate model.arch: only a type here
-    from distgan.config import ModelConfig
 
 WIDTH_CAP = 8
 
@@ -149,7 +146,7 @@ class ResNetDiscriminator(nn.Module):
 
 
 @register_arch("resnet")
-def build_resnet(cfg: ModelConfig, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_resnet(cfg: ModelSettings, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build the residual pair (G first, then D: a fixed order of draws from the seeded RNG)."""
     g = ResNetGenerator(cfg.z_dim, resolution, channels, cfg.g_width, num_classes, cfg.g_norm)
     d = ResNetDiscriminator(resolution, channels, cfg.d_width, num_classes)

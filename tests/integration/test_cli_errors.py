@@ -37,6 +37,7 @@ def test_unknown_builtin_dataset_is_one_line_naming_it(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("distgan: error: ") and "'builtin:nosuch'" in lines[0], proc.stderr
     assert "builtin:twemoji" in lines[0]  # says what exists
+    assert not (tmp_path / "r").exists()  # a refused run leaves no run folder behind
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])

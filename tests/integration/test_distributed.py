@@ -146,22 +146,25 @@ def test_a_failed_rank_stops_every_rank_within_the_timeout(tiny_shards, tmp_path
 
 
 def test_python_api_under_debug_launcher(tiny_shards, tmp_path):
-    """`distgan.train(overrides=...)` in each process of accelerate's in-notebook launcher."""
-    from accelerate import debug_launcher
+    """`distgan.train(overrides=...)` in each process of accelerate's in-notebook launcher.
 
+    Run from a fresh interpreter, as a notebook kernel would be: the launcher forks its caller,
+    and a pytest process that trained in-process earlier carries accelerate's state into the fork.
+    """
     run_dir = tmp_path / "nb"
     overrides = dict(a.split("=", 1) for a in tiny_args(run_dir, "train.steps=2", "dist.expect_world_size=2",
                                                          source=tiny_shards))
-    debug_launcher(_train_in_notebook, args=(overrides,), num_processes=2)
+    script = ("import json, sys\n"
+              "from accelerate import debug_launcher\n"
+              "import distgan\n"
+              "def train(overrides):\n"
+              "    distgan.train(overrides=overrides)\n"
+              "debug_launcher(train, args=(json.loads(sys.argv[1]),), num_processes=2)\n")
+    result = launch([sys.executable, "-c", script, json.dumps(overrides)])
+    assert result.returncode == 0, tail(result)
     assert (run_dir / "DONE").exists()
     state = json.loads(next((run_dir / "checkpoints").glob("step-*/state.json")).read_text())
     assert state["world_size"] == 2
-
-
-def _train_in_notebook(overrides: dict) -> None:
-    import distgan
-
-    distgan.train(overrides=overrides)
 
 
 def test_compile_keeps_plain_state_dict_names(tiny_shards, tmp_path):
