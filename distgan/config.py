@@ -8,11 +8,8 @@ are raised before any work starts.
 
 from __future__ import annotations
 
-import ast
-import re
 import dataclasses
 import difflib
-import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,67 +17,12 @@ from typing import Any
 
 import yaml
 
+from distgan.config_values import Rule, _coerce, _load_yaml, _plain, _suggest, field_docs, setting
 from distgan.errors import ConfigError
 from distgan.gan.augment import POLICIES
 from distgan.gan.losses import OBJECTIVES
 from distgan.models import check_arch
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false. (YAML 1.1 reads `off`, `no`, `on` as booleans,
-    which would turn `logging.wandb: off` into False.)"""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The values a config field accepts, declared next to the field (see `setting`)."""
-
-    choices: tuple = ()
-    at_least: float | None = None
-    greater_than: float | None = None
-    less_than: float | None = None
-    at_most: float | None = None
-
-    def describe(self) -> str:
-        """`must be ...` text (also shown by --help-config)."""
-        if self.choices:
-            return "must be " + _either([repr(c) if isinstance(c, str) else str(c) for c in self.choices if c != ""])
-        bounds = [f"at least {self.at_least:g}" if self.at_least is not None else "",
-                  f"greater than {self.greater_than:g}" if self.greater_than is not None else "",
-                  f"less than {self.less_than:g}" if self.less_than is not None else "",
-                  f"at most {self.at_most:g}" if self.at_most is not None else ""]
-        return "must be " + " and ".join(b for b in bounds if b)
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, (tuple, list)):  # e.g. Adam betas: the rule holds for each value
-            return all(self.accepts(v) for v in value)
-        if self.choices:
-            return value in self.choices
-        return ((self.at_least is None or value >= self.at_least)
-                and (self.greater_than is None or value > self.greater_than)
-                and (self.less_than is None or value < self.less_than)
-                and (self.at_most is None or value <= self.at_most))
-
-
-def setting(default: Any, **rule: Any) -> Any:
-    """A field with a default and the Rule its values must follow (checked by `validate`)."""
-    return field(default=default, metadata={"rule": Rule(**rule)})
-
-
-def _either(options: list[str]) -> str:
-    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+from distgan.schedules import Scheduled
 
 
 def rule_of(key: str) -> Rule | None:
@@ -121,7 +63,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "dcgan"
-    """Architecture from the model registry: `dcgan` or `resnet`."""
+    """Architecture from the model registry: `dcgan`, `resnet` or `r3gan`."""
     z_dim: int = setting(128, at_least=1)
     """Latent dimension of the generator input."""
     g_width: int = setting(64, at_least=1)
@@ -133,41 +75,79 @@ class ModelConfig:
     g_norm: str = setting("batch", choices=("batch", "none"))
     """Generator normalization: `batch` (classic) or `none` (batch-size independent, for exact
     gradient-averaging checks across process counts)."""
+    widths: list[int] = field(default_factory=list)
+    """r3gan: channels per stage from 4x4 up to the output resolution (D uses them reversed);
+    empty: `g_width`/`d_width` x min(8, resolution / stage resolution)."""
+    blocks_per_stage: int = setting(2, at_least=1)
+    """r3gan: residual blocks per resolution stage."""
+    expansion: int = setting(2, at_least=1)
+    """r3gan: channel expansion inside a residual block (inverted bottleneck)."""
+    group_size: int = setting(16, at_least=1)
+    """r3gan: channels per group of the grouped 3x3 conv (cardinality = widened channels / this)."""
+    freeze_d: int = setting(0, at_least=0)
+    """FreezeD: keep D's first K blocks (input side; each arch declares its blocks in the model
+    registry) fixed while fine-tuning; needs `train.init_from` with D weights."""
+    reinit_class_embedding: bool = False
+    """Fine-tuning a conditional model: start its class embeddings fresh (required when the new
+    data has another number of classes)."""
 
 
 @dataclass
 class LossConfig:
     objective: str = setting("logistic", choices=OBJECTIVES)
-    """`logistic` (non-saturating), `hinge`, `wgan-gp` or `lsgan`."""
-    r1_gamma: float = setting(0.0, at_least=0)
-    """Weight of the R1 penalty on real images (0 disables it)."""
+    """`logistic` (non-saturating), `hinge`, `wgan-gp`, `lsgan` or `rpgan` (relativistic pairing,
+    R3GAN: D and G compare each fake with a real)."""
+    r1_gamma: Scheduled = setting(Scheduled(0.0), at_least=0)
+    """Weight gamma of the R1 penalty gamma/2 E||grad D(real)||^2 (0 disables it); a number or a
+    schedule."""
+    r2_gamma: Scheduled | None = setting(None, at_least=0)
+    """Weight of the R2 penalty, the same on fake images; unset: equal to `r1_gamma` under `rpgan`
+    (R3GAN's R1 + R2) and 0 for the other objectives."""
     r1_interval: int = setting(16, at_least=1)
-    """Lazy regularization: apply R1 every this many D steps (learning rate corrected)."""
+    """Lazy regularization: apply R1/R2 every this many D steps (learning rate corrected); 1 runs
+    them in the D step itself, sharing its forward pass (R3GAN)."""
     gp_weight: float = setting(10.0, at_least=0)
     """Gradient-penalty weight for `wgan-gp`."""
     diffaugment: str = ""
     """DiffAugment policy applied to real and fake images before D, e.g.
     `color,translation,cutout`; empty disables it."""
+    augment: str = setting("", choices=("", "bgc"))
+    """Augmentation pipeline before D: `bgc` (StyleGAN2-ADA's blit + geometric + color ops, each
+    applied with probability `augment_p`) or empty for none. Can be combined with DiffAugment."""
+    augment_p: Scheduled = setting(Scheduled(0.0), at_least=0, at_most=1)
+    """Probability of each `bgc` op (a number or a schedule; R3GAN ramps it up)."""
+
+    def r2(self) -> Scheduled:
+        """`r2_gamma`, or its default when unset: `r1_gamma` under rpgan, else 0."""
+        if self.r2_gamma is not None:
+            return self.r2_gamma
+        return self.r1_gamma if self.objective == "rpgan" else Scheduled(0.0)
+
+    def penalties(self) -> tuple[str, ...]:
+        """The zero-centered gradient penalties that are on: "r1" (reals), "r2" (fakes)."""
+        return tuple(name for name, gamma in (("r1", self.r1_gamma), ("r2", self.r2())) if gamma.nonzero())
 
 
 @dataclass
 class OptimConfig:
     d_steps: int = setting(2, at_least=1)
     """Discriminator steps per generator step."""
-    g_lr: float = setting(2e-4, greater_than=0)
-    """Generator Adam learning rate."""
-    d_lr: float = setting(2e-4, greater_than=0)
-    """Discriminator Adam learning rate."""
-    g_betas: tuple[float, float] = setting((0.5, 0.999), at_least=0, less_than=1)
-    """Generator Adam betas."""
-    d_betas: tuple[float, float] = setting((0.5, 0.999), at_least=0, less_than=1)
-    """Discriminator Adam betas."""
+    g_lr: Scheduled = setting(Scheduled(2e-4), greater_than=0)
+    """Generator Adam learning rate (a number, or a schedule {start, end, kimg, shape})."""
+    d_lr: Scheduled = setting(Scheduled(2e-4), greater_than=0)
+    """Discriminator Adam learning rate (a number or a schedule)."""
+    g_betas: tuple[Scheduled, Scheduled] = setting((Scheduled(0.5), Scheduled(0.999)), at_least=0, less_than=1)
+    """Generator Adam betas; each a number or a schedule (R3GAN anneals beta2)."""
+    d_betas: tuple[Scheduled, Scheduled] = setting((Scheduled(0.5), Scheduled(0.999)), at_least=0, less_than=1)
+    """Discriminator Adam betas; each a number or a schedule."""
     grad_clip: float = setting(0.0, at_least=0)
     """Clip each network's gradient norm to this value (0 disables clipping)."""
-    ema_halflife_kimg: float = setting(2.0, at_least=0)
-    """Half-life of the EMA generator, in thousands of images (0 disables EMA updates)."""
+    ema_halflife_kimg: Scheduled = setting(Scheduled(2.0), at_least=0)
+    """Half-life of the EMA generator, in thousands of images (0: the EMA copies G); a number or
+    a schedule."""
     ema_rampup: float = setting(0.05, at_least=0)
-    """EMA ramp-up: the half-life is capped at this fraction of the images seen so far."""
+    """EMA ramp-up: the half-life is capped at this fraction of the images seen so far (0: no
+    cap, e.g. when `ema_halflife_kimg` is a schedule that starts at 0, as in R3GAN)."""
     accumulate: int = setting(1, at_least=1)
     """Gradient-accumulation steps per optimizer step (each of batch_size images)."""
 
@@ -176,6 +156,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = setting(3000, at_least=1)
     """Run length in generator steps."""
+    max_minutes: float = setting(0.0, at_least=0)
+    """Also stop (as a finished run: final checkpoint, samples and evaluation) once this launch
+    has trained this many minutes, evaluations excluded; checked at log steps (0: no limit)."""
     seed: int = 0
     """Seed for weights, latents, augmentation and data order."""
     run_dir: str = ""
@@ -184,6 +167,9 @@ class TrainConfig:
     """Run name, used for the run folder and the W&B run."""
     resume: str = "auto"
     """`auto` (latest valid checkpoint in the run folder), `none`, or a checkpoint path."""
+    init_from: str = ""
+    """Fine-tune: a new run starts from the G, D and EMA weights of this checkpoint, run folder or
+    `distgan export` folder (fresh counters and optimizers); a run that resumes ignores it."""
     log_every: int = setting(50, at_least=1)
     """Write a metrics row (and a W&B step) every this many generator steps."""
     sample_every: int = setting(500, at_least=1)
@@ -199,6 +185,16 @@ class TrainConfig:
     signal_check_every: int = setting(5, at_least=1)
     """Poll for preemption (SIGUSR1/SIGTERM or a PREEMPT file) every this many steps; all
     ranks agree through one small collective."""
+    health_checks: bool = True
+    """Watch the log rows for a dead D, a D that wins outright and sample collapse; each warns
+    once (log, `warning/...` in metrics.jsonl, W&B alert). Costs one G forward on the fixed
+    sample latents per log row (main process)."""
+    health_window: int = setting(5, at_least=1)
+    """Consecutive log rows a health condition must hold before it warns."""
+    global_batch: int | None = setting(None, at_least=1)
+    """Images per optimizer step over all processes, kept constant when the world size changes:
+    per-process batch and `optim.accumulate` are derived from it (`data.batch_size` is then
+    the largest micro-batch a process runs). Unset: data.batch_size x accumulate x world size."""
 
 
 @dataclass
@@ -274,93 +270,24 @@ class Config:
         return Path(self.train.run_dir or f"runs/{self.train.name}")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 # ---------------------------------------------------------------------------- docs and types
 
 
-def field_docs(section_cls: type) -> dict[str, str]:
-    """The docstring under each field, read from the class source."""
-    try:
-        tree = ast.parse(inspect.getsource(section_cls))
-    except (OSError, TypeError):
-        return {}
-    docs, body = {}, tree.body[0].body
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def describe() -> str:
-    """Every key with its default and docstring (for --help-config)."""
+def describe(cfg: Config | None = None) -> str:
+    """Every key with its value in `cfg` (default: the dataclass defaults) and docstring, for
+    --help-config; a value that differs from the dataclass default names that default too."""
+    cfg = cfg or Config()
     lines = []
     for section in dataclasses.fields(Config):
         cls = section.default_factory
-        docs, default = field_docs(cls), cls()
+        docs, default, values = field_docs(cls), cls(), getattr(cfg, section.name)
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(cls):
             rule = f" ({f.metadata['rule'].describe()})" if "rule" in f.metadata else ""
-            lines.append(f"  {section.name}.{f.name} = {getattr(default, f.name)!r}{rule}\n      {docs.get(f.name, '')}")
+            value, base = getattr(values, f.name), getattr(default, f.name)
+            changed = f"  [default {base!r}]" if value != base else ""
+            lines.append(f"  {section.name}.{f.name} = {value!r}{rule}{changed}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check/convert a YAML or command-line value to the field's declared type."""
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return "" if value is None else str(value)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v for v in value.strip("[]()").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(typ)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(v, t, key) for v, t in zip(value, args))
-        return [_coerce(v.strip() if isinstance(v, str) else v, args[0], key) for v in value]
-    raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
 
 
 # ---------------------------------------------------------------------------- building
@@ -449,6 +376,12 @@ def validate(cfg: Config) -> None:
                 each = "each value " if isinstance(value, (tuple, list)) else ""
                 raise ConfigError(f"{key}={_plain(value)!r}: {each}{rule.describe()}.{hint}")
     check_arch(cfg.model.arch, cfg.data.resolution, cfg.data.channels)
+    stages = cfg.data.resolution.bit_length() - 2  # 4x4 up to the resolution
+    if cfg.model.widths and len(cfg.model.widths) != stages:
+        raise ConfigError(f"model.widths={cfg.model.widths}: resolution {cfg.data.resolution} has {stages} stages "
+                          f"(4x4 up to {cfg.data.resolution}x{cfg.data.resolution}), so it needs {stages} widths.")
+    if any(w < 1 for w in cfg.model.widths):
+        raise ConfigError(f"model.widths={cfg.model.widths}: every width must be at least 1.")
     if cfg.loss.diffaugment:
         for p in cfg.loss.diffaugment.split(","):
             if p.strip() not in POLICIES:
@@ -458,8 +391,8 @@ def validate(cfg: Config) -> None:
 def frozen_keys() -> tuple[str, ...]:
     """Keys that define networks or optimizers: they may not change when a run resumes."""
     return ("data.resolution", "data.channels", "model.arch", "model.z_dim", "model.g_width", "model.d_width",
-            "model.conditional", "loss.objective", "optim.g_lr", "optim.d_lr", "optim.g_betas", "optim.d_betas",
-            "loss.r1_interval", "dist.backend", "dist.zero_stage", "optim.d_steps")
+            "model.conditional", "model.widths", "model.blocks_per_stage", "model.expansion", "model.group_size", "loss.objective", "optim.g_lr", "optim.d_lr", "optim.g_betas", "optim.d_betas",
+            "loss.r1_interval", "optim.d_steps", "model.freeze_d")
 
 
 __all__ = ["Config", "ConfigError", "Rule", "load_config", "describe", "parse_override", "frozen_keys", "field_docs",

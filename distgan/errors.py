@@ -18,6 +18,9 @@ class DistganError(Exception):
     exit_code = 1
     label = "error"
     """Shown after `distgan: ` in the CLI's one-line report."""
+    same_on_every_rank = False
+    """True for errors every rank of a launch meets alike (a package or file missing on the
+    machine): the CLI reports them from the main process only, not once per rank."""
 
 
 class ConfigError(DistganError, ValueError):
@@ -69,5 +72,15 @@ class NonFiniteLossError(TrainingError):
     """A loss became NaN or inf and `train.on_nonfinite=stop`."""
 
 
+class MissingDependencyError(DistganError, ImportError):
+    """An optional package a feature needs is not installed; the message names the
+    `pip install 'distgan[extra]'` that installs it (see `distgan.optional`)."""
+
+    exit_code = 8
+    label = "missing dependency"
+    same_on_every_rank = True
+
+
 __all__ = ["DistganError", "ConfigError", "DataError", "CheckpointError", "EvalError", "DistributedError",
-           "WorldSizeError", "PeerFailureError", "TrainingError", "NonFiniteLossError"]
+           "WorldSizeError", "PeerFailureError", "TrainingError", "NonFiniteLossError",
+           "MissingDependencyError"]

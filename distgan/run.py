@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,15 +16,20 @@ import torch
 from distgan.backends import build_backend
 from distgan.config import Config, load_config, parse_override
 from distgan.data import build_stream
-from distgan.distributed import check_world_size, fail_fast
-from distgan.errors import DistganError
+from distgan.distributed import check_world_size, discover, fail_fast
+from distgan.errors import ConfigError, DistganError
+from distgan.finetune import prepare_finetune
+from distgan.global_batch import apply_global_batch
 from distgan.models import build_models
 from distgan.gan.objective import NoiseSource
 from distgan.trainer import Trainer, TrainerHooks
 
 log = logging.getLogger("distgan")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+RECIPES = Path(__file__).resolve().parent / "configs"
+"""The shipped recipes. In a checkout distgan/configs is a symlink to the repository's configs/
+(the one copy to edit); an installed wheel holds the files (pyproject.toml's package-data)."""
+DEFAULT_CONFIG = RECIPES / "default.yaml"
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +61,8 @@ def run(cfg: Config, dry_run: bool = False, *, stream_factory: Callable = build_
         return "dry-run"
 
     owns_backend = backend is None
+    # Before the backend: DeepSpeed's engines are configured with the per-process batch.
+    apply_global_batch(cfg, discover().world_size if owns_backend else backend.world_size)
     backend = build_backend(cfg) if owns_backend else backend
     # A rank that fails posts its error; the others stop at their next collective and name it.
     with fail_fast(backend.rank, backend.world_size, cfg.dist.timeout_s):
@@ -65,6 +73,11 @@ def run(cfg: Config, dry_run: bool = False, *, stream_factory: Callable = build_
         seed_everything(cfg.train.seed)
         stream = stream_factory(cfg.data, cfg.train.seed, backend.rank, backend.world_size)
         G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+        try:  # train.init_from / model.freeze_d, before the backend wraps the networks
+            finetune = prepare_finetune(cfg, G, D, stream.info.num_classes)
+        except BaseException:
+            stream.close()
+            raise
         seed_everything(cfg.train.seed + 1_000_003 * (backend.rank + 1))
         run_dir = cfg.run_dir
         try:
@@ -79,6 +92,8 @@ def run(cfg: Config, dry_run: bool = False, *, stream_factory: Callable = build_
         log.info("%s; %d process(es) on %s, mixed precision %s", model_summary(G, D), backend.world_size,
                  backend.device, backend.mixed_precision)
         trainer = Trainer(cfg, backend, stream, G, D, noise=noise, hooks=hooks)
+        if finetune is not None:  # the trainer's EMA copy of G takes the source's EMA weights
+            finetune.load_ema(trainer.ema.module)
         try:
             trainer.restore()
             if backend.is_main:  # only once the resume was accepted: a refused one leaves the old file
@@ -98,13 +113,29 @@ def _setup_logging(is_main: bool) -> None:
 
 
 def load_from_args(config: str | None, overrides: tuple[str, ...]) -> Config:
-    """--config F (else configs/default.yaml when present) plus overrides."""
-    return load_config(_recipe(config), list(overrides))
+    """--config F (else the shipped configs/default.yaml) plus overrides."""
+    return load_config(resolve_recipe(config), list(overrides))
 
 
-def _recipe(config: str | Path | None) -> str | Path | None:
-    """The given YAML recipe, else configs/default.yaml when it exists (a source checkout)."""
-    return config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe(config: str | Path | None) -> str | Path | None:
+    """The YAML recipe to load: `config` when it is a file; else the shipped recipe it names
+    (`configs/resnet-64.yaml` or `resnet-64`, so the README's commands work from any folder
+    after `pip install distgan`); with no `config`, the shipped default.yaml."""
+    if not config:
+        return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = RECIPES / (path.name if path.suffix else f"{path.name}.yaml")
+    if path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        if (os.environ.get("RANK") or "0") == "0":
+            print(f"distgan: {config} is not in this folder; using the shipped recipe {shipped}", file=sys.stderr)
+        return shipped
+    raise ConfigError(f"Config file not found: {config} (shipped recipes: {', '.join(shipped_recipes())})")
 
 
 def train(config: str | Path | Config | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Path:
@@ -119,6 +150,6 @@ def train(config: str | Path | Config | None = None, overrides: dict[str, Any] |
         extra = dict(parse_override(o) for o in overrides) if isinstance(overrides, list) else dict(overrides or {})
         cfg = load_config(None, {**flat, **extra})  # re-validated, and the caller's Config stays untouched
     else:
-        cfg = load_config(_recipe(config), overrides)
+        cfg = load_config(resolve_recipe(config), overrides)
     run(cfg)
     return cfg.run_dir

@@ -1,5 +1,6 @@
 """Images from a generator: fixed latents, chunked generation, grids, and a generator loaded from
-a checkpoint (used by training's sample grids, `distgan sample`, evaluation, reports, notebooks)."""
+a checkpoint, run folder or export (used by training's sample grids, `distgan sample`,
+evaluation, reports, exports, notebooks)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distgan.checkpoint import CheckpointInfo, load_weights, read_checkpoint
-from distgan.config import Config, load_config
+from distgan.checkpoint import CheckpointInfo, load_weights
+from distgan.config import Config
 from distgan.errors import DistganError
 from distgan.models import build_models
+from distgan.weights import open_weights
 
 
 def fixed_latents(n: int, z_dim: int, num_classes: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,12 +82,12 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 def load_generator(ckpt: str | Path, raw: bool = False,
                    device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, CheckpointInfo]:
-    """(G in eval mode, its Config, the checkpoint's facts) of a checkpoint or run folder."""
-    info = read_checkpoint(ckpt)
-    cfg = load_config(None, {f"{s}.{k}": v for s, sec in info.config.items() for k, v in sec.items()})
-    G, _ = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, len(info.class_names))
-    load_weights(G, info.path / ("G.safetensors" if raw else "G_ema.safetensors"))
-    return G.to(device).eval().requires_grad_(False), cfg, info
+    """(G in eval mode, its Config, the facts) of a checkpoint, run folder or `distgan export` folder."""
+    source = open_weights(ckpt)
+    cfg = source.config()
+    G, _ = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, len(source.info.class_names))
+    load_weights(G, source.file("G" if raw else "G_ema"))
+    return G.to(device).eval().requires_grad_(False), cfg, source.info
 
 
 def sample_to(ckpt: str | Path, n: int, out: str | Path, seed: int = 0, class_index: int | None = None,

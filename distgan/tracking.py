@@ -172,6 +172,19 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.summary.update(values)
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (mail/Slack from the W&B app; an offline run keeps it for `wandb sync`).
+        metrics.jsonl and the log carry the same text already, so this is W&B only."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        try:
+            # W&B rejects titles of 64 characters or more.
+            self._wandb.alert(title=f"distgan {self.cfg.train.name}: {title}"[:63], text=text, level=wandb.AlertLevel.WARN)
+        except Exception as e:  # noqa: BLE001 - an alert that cannot be sent must not stop training
+            log.warning("W&B alert failed (%s: %s); the warning is in the log and metrics.jsonl.", type(e).__name__, e)
+
     def finish(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

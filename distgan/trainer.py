@@ -22,15 +22,17 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from distgan.backends import AdamSpec, Backend
+from distgan.backends import Backend
 from distgan.checkpoint import (BestRecord, Checkpointer, RngStreams, RunFacts, Scope, TrainState, check_resume_compatible,
                                 isolated_rng, read_checkpoint, resolve_checkpoint)
 from distgan.config import Config
 from distgan.data.prefetch import DataStream, Prefetcher
 from distgan.errors import NonFiniteLossError
 from distgan.gan.ema import EMA
+from distgan.gan.hyperparams import Hyperparameters
 from distgan.gan.objective import GANObjective, NoiseSource
-from distgan.gan.phases import REAL_FRESH, REAL_NONE, Phase, Schedule, build_phases, lazy_reg_adam_params
+from distgan.gan.phases import REAL_FRESH, REAL_NONE, Phase, Schedule, build_phases
+from distgan.health import SPREAD_KEY, HealthMonitor, HealthThresholds, sample_spread
 from distgan.metrics.evaluation import TrainingEvaluator
 from distgan.preemption import PreemptionWatch, signals_blocked
 from distgan.sampling import fixed_latents, generate, grid_layout, save_grid
@@ -117,9 +119,11 @@ class Trainer:
         self.num_classes = G.num_classes
         self.schedule = Schedule(build_phases(cfg))
         # The EMA copy is taken before the backend casts or shards G: it stays in full precision.
-        self.ema = EMA(G, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup)
+        self.hyper = Hyperparameters(cfg, self.schedule)
+        initial = self.hyper.at(0)
+        self.ema = EMA(G, initial["ema_halflife_kimg"], cfg.optim.ema_rampup or None)  # 0: no ramp-up
         self.ema.module.to(backend.device)
-        backend.setup(G, D, adam_specs(cfg, self.schedule))
+        backend.setup(G, D, {net: self.hyper.adam(initial, net) for net in ("G", "D")})
         self.objective = GANObjective(cfg.loss, G.z_dim, self.num_classes, cfg.data.batch_size, backend.device, noise)
         self.accumulate = cfg.optim.accumulate
         self.images_per_step = cfg.data.batch_size * self.accumulate * backend.world_size
@@ -143,12 +147,19 @@ class Trainer:
             self.checkpointer.register(name, obj, scope)
 
         self.meter = StatMeter()
+        # Host arithmetic on the rows the main process logs: no collective, other ranks skip it.
+        self.health = (HealthMonitor(cfg.loss.objective, cfg.loss.gp_weight, HealthThresholds(window=cfg.train.health_window))
+                       if cfg.train.health_checks and backend.is_main else None)
         self.preempt = PreemptionWatch(self.run_dir, backend, every=cfg.train.signal_check_every)
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
         self._fp16_skips = 0
         self._bar: tqdm | None = None
         self._window = (0.0, 0, 0)
+        self.train_seconds = 0.0
+        """Training time of this launch, evaluations excluded (logged as `minutes`)."""
+        self.out_of_time = False
+        """`train.max_minutes` is spent (agreed by all ranks at a log step): the step is final."""
         n_samples, self.sample_nrow = grid_layout(64, self.num_classes)  # one row per class when conditional
         self.sample_z, self.sample_c = fixed_latents(n_samples, G.z_dim, self.num_classes, cfg.train.seed, backend.device)
         self._saved_step = -1  # step of this process's last checkpoint (same on every rank)
@@ -182,7 +193,7 @@ class Trainer:
         self.start()
         status = "done"
         try:
-            while self.state.step < self.cfg.train.steps:
+            while self.state.step < self.cfg.train.steps and not self.out_of_time:
                 if not self.advance():
                     status = "preempted"
                     break
@@ -201,6 +212,7 @@ class Trainer:
         # Applied here, after the set-up above, so the next step draws exactly the random numbers
         # it would have drawn in an uninterrupted run.
         self.rng.apply_loaded()
+        self.apply_hyperparameters()  # the values at the (possibly resumed) kimg
         if b.is_main:
             (self.run_dir / "DONE").unlink(missing_ok=True)  # a resumed run with more steps is not done yet
         self._bar = _progress(self.cfg, b.is_main, self.state.step)
@@ -217,13 +229,17 @@ class Trainer:
         self.train_step(measure=self._log_due(st.step + 1))
         st.step += 1
         self._bar.update(1)
-        final = st.step == cfg.train.steps
         if self._log_due(st.step):
             now = time.perf_counter()
             start, nimg, step = self._window
+            self.train_seconds += now - start
             row = self._log_row(now - start, st.nimg - nimg, st.step - step)
             self._window = (now, st.nimg, st.step)
             self._bar.set_postfix_str(_postfix(row), refresh=False)
+            if cfg.train.max_minutes > 0:  # every rank must stop at the same step: rank clocks differ
+                over = torch.tensor(float(self.train_seconds >= cfg.train.max_minutes * 60), device=self.backend.device)
+                self.out_of_time = self.backend.all_reduce_max(over).item() > 0
+        final = st.step == cfg.train.steps or self.out_of_time
         if st.step % cfg.train.sample_every == 0 or final:
             self.write_samples()
         preempted = self.preempt.requested(st.step)  # collective: all ranks agree
@@ -259,6 +275,8 @@ class Trainer:
         """One generator step: the due phases, each with its micro-batches. `measure` asks the
         handles for gradient norms (a pass over all gradients: on log steps only)."""
         st = self.state
+        if self.hyper.varies:
+            self.apply_hyperparameters()
         batches = self._no_real
         for phase in self.schedule.due(st.step):
             if phase.real == REAL_FRESH:
@@ -269,6 +287,15 @@ class Trainer:
         # BatchNorm running stats drift apart per rank; rank 0's win before the EMA copies them.
         self.backend.broadcast_buffers("G")
         self.ema.update(self.backend.module("G"), self.images_per_step, st.nimg)
+
+    def apply_hyperparameters(self) -> dict[str, float]:
+        """Set the scheduled settings to their values at the images seen so far."""
+        values = self.hyper.at(self.state.nimg)
+        for net in ("G", "D"):
+            self.backend.set_adam(net, self.hyper.adam(values, net))
+        self.objective.set_hyperparameters(values["r1_gamma"], values["r2_gamma"], values["augment_p"])
+        self.ema.halflife_kimg = values["ema_halflife_kimg"]
+        return values
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = next(self.data)
@@ -329,9 +356,11 @@ class Trainer:
             "img_per_s": images / max(seconds, 1e-9),
             "sec_per_kimg": seconds / max(images / 1000, 1e-9),
             "sec_per_step": seconds / max(steps, 1),
+            "minutes": self.train_seconds / 60,
             "lr/G": b.optimizer("G").param_groups[0]["lr"],
             "lr/D": b.optimizer("D").param_groups[0]["lr"],
             "data/skipped": float(self.stream.stats().get("skipped", 0)),
+            **self.hyper.logged(self.hyper.at(st.nimg)),
         })
         if b.mixed_precision == "fp16":
             row["train/fp16_skipped_steps"] = float(self._fp16_skips)  # loss-scale overflows in this window
@@ -339,8 +368,20 @@ class Trainer:
         if b.device.type == "cuda":
             row["mem/peak_gb"] = torch.cuda.max_memory_allocated(b.device) / 2**30
             row["mem/reserved_gb"] = torch.cuda.memory_reserved(b.device) / 2**30
+        if self.health is not None:
+            self._check_health(row)
         self.tracker.log(st.step, row)
         return row
+
+    def _check_health(self, row: dict) -> None:
+        """Add the sample spread (raw G on the fixed sample latents) to the row, then report each
+        health warning that starts here: in the log, in the row (`warning/<name>`) and as a W&B alert."""
+        with self.backend.autocast():
+            row[SPREAD_KEY] = sample_spread(generate(self.backend.module("G"), self.sample_z, self.sample_c))
+        for warning in self.health.check(self.state.step, row):
+            log.warning("Training health: %s", warning.message)
+            row[f"warning/{warning.name}"] = warning.message
+            self.tracker.alert(warning.name.replace("_", " "), warning.message)
 
     def write_samples(self) -> None:
         """Grids from the fixed latents: EMA G and raw G (main process; not a collective)."""
@@ -378,15 +419,6 @@ class Trainer:
     def _checkpoint_written(self, folder: Path) -> None:
         for hook in self.hooks:
             hook.checkpoint_written(folder)
-
-
-def adam_specs(cfg: Config, schedule: Schedule) -> dict[str, AdamSpec]:
-    """Each network's Adam, corrected for its regularization phase if it has one."""
-    specs = {}
-    for net, lr, betas in (("G", cfg.optim.g_lr, cfg.optim.g_betas), ("D", cfg.optim.d_lr, cfg.optim.d_betas)):
-        lr, betas = lazy_reg_adam_params(lr, betas, schedule.reg_interval(net))
-        specs[net] = AdamSpec(lr, betas)
-    return specs
 
 
 def _progress(cfg: Config, is_main: bool, initial: int) -> tqdm:

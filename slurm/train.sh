@@ -138,6 +138,9 @@ if [ -z "${MAIN_PROCESS_IP:-}" ]; then
   MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-$HEAD_NODE}
 fi
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+# One process: accelerate passes no --main_process_ip on, and distgan would take the first node's
+# name from SLURM (which need not resolve) for its process group: hand it the address found above.
+export MASTER_ADDR=${MASTER_ADDR:-$MAIN_PROCESS_IP} MASTER_PORT=${MASTER_PORT:-$MAIN_PROCESS_PORT}
 MIXED_PRECISION=${MIXED_PRECISION:-no}
 
 LAUNCH=(accelerate launch --num_machines "$NNODES" --num_processes "$WORLD_SIZE"

@@ -83,6 +83,8 @@ class WandbRun:
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     """define_metric records: {"name" or "glob_name", "step_metric"}."""
+    alerts: list[dict[str, str]] = field(default_factory=list)
+    """`run.alert` records: {"title", "text", "level"}."""
     record_types: dict[str, int] = field(default_factory=dict)
 
     def column(self, key: str) -> list[Any]:
@@ -145,6 +147,8 @@ def read_run(path: str | Path) -> WandbRun:
         elif kind == "metric":
             m = rec.metric
             run.metrics.append({"name": m.name, "glob_name": m.glob_name, "step_metric": m.step_metric})
+        elif kind == "alert":
+            run.alerts.append({"title": rec.alert.title, "text": rec.alert.text, "level": rec.alert.level})
     return run
 
 

@@ -15,6 +15,7 @@ from distgan.backends.deepspeed import DeepSpeedBackend
 from distgan.backends.fsdp import FSDPBackend
 from distgan.config import Config
 from distgan.errors import ConfigError
+from distgan.optional import check_installed
 
 
 def _launcher_zero_stage() -> str:
@@ -34,11 +35,12 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
     d = cfg.dist
     cuda = not use_cpu() if cuda is None else cuda
     precision = resolve_precision(cfg)
-    double_backward = cfg.loss.r1_gamma > 0 or cfg.loss.objective == "wgan-gp"
+    double_backward = bool(cfg.loss.penalties()) or cfg.loss.objective == "wgan-gp"
     if precision == "fp16" and not cuda:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU (no fp16 loss scaling on CPU); "
                           "use dist.mixed_precision=bf16 or no.")
     if d.backend == "deepspeed":
+        check_installed("deepspeed", "dist.backend=deepspeed")  # one line, before any rank imports it
         if d.fsdp:
             raise ConfigError("dist.fsdp=true is an accelerate feature; with dist.backend=deepspeed use ZeRO instead "
                               "(dist.zero_stage=1 or 2 shards optimizer state and gradients), or drop dist.backend=deepspeed.")
@@ -68,7 +70,7 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
             raise ConfigError("dist.fsdp=true with fp16 is not supported (no sharded grad scaler here); use "
                               "dist.mixed_precision=bf16.")
         if double_backward:
-            raise ConfigError("FSDP does not support the double backward of R1 / WGAN-GP (loss.r1_gamma>0 or "
+            raise ConfigError("FSDP does not support the double backward of R1/R2 / WGAN-GP (loss.r1_gamma>0, loss.r2_gamma>0 or "
                               "loss.objective=wgan-gp): use DDP (dist.fsdp=false) or dist.backend=deepspeed dist.zero_stage=2.")
         if d.compile:
             raise ConfigError("dist.compile=true with dist.fsdp=true is not supported; drop one of them.")

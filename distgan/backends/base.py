@@ -25,7 +25,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
+from distgan.checkpoint.format import read_optimizer, write_optimizer
 from distgan.gan.phases import Phase
 
 NETS = ("G", "D")
@@ -125,23 +128,58 @@ class PhaseHandle:
         self.backend.optimizer(self.net).zero_grad(set_to_none=True)
 
 
-class ReplicatedOptimizers:
-    """Optimizer state that every rank holds whole: the main process writes `optim_<net>.pt`."""
+class FullOptimizerState:
+    """Both optimizers in the checkpoint, whole and keyed by parameter name (`optim_<net>.pt`), so
+    that a checkpoint of any backend and world size loads under any other.
+
+    torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` with
+    `full_state_dict=True` do the work: a plain copy for replicated parameters (single process,
+    DDP), an all-gather and a re-shard for FSDP's sharded ones. Its sharded `.distcp` format was
+    not taken: its metadata file is a pickle, and no resume may unpickle code. GAN optimizers are
+    small (two Adam moments of networks of tens of millions of parameters), so a full copy on
+    the main process costs little. DeepSpeed's ZeRO partitions are gathered by
+    `backends/zero_state.py` into the same layout.
+    """
 
     def __init__(self, backend: "Backend"):
         self.backend = backend
 
+    def _model(self, net: str) -> nn.Module:
+        """The module whose parameters the optimizer of `net` holds (FSDP: the sharded one)."""
+        return self.backend.module(net)
+
     def save(self, folder: Path) -> None:
-        if self.backend.is_main:
-            for net in NETS:
-                torch.save(self.backend.optimizer(net).state_dict(), Path(folder) / f"optim_{net}.pt")
+        b, options = self.backend, StateDictOptions(full_state_dict=True, cpu_offload=True)
+        for net in NETS:
+            state = get_optimizer_state_dict(self._model(net), b.optimizer(net), options=options)  # collective if sharded
+            if b.is_main:
+                write_optimizer(folder, net, state)
 
     def load(self, folder: Path) -> None:
+        b = self.backend
         for net in NETS:
-            # "cpu" rather than the device: torch cannot map to "cpu:0"; load_state_dict moves state to the params.
-            # weights_only: a checkpoint never executes pickled code when loaded.
-            state = torch.load(Path(folder) / f"optim_{net}.pt", map_location="cpu", weights_only=True)
-            self.backend.optimizer(net).load_state_dict(state)
+            state = read_optimizer(folder, net)
+            # fp32 masters of a DeepSpeed bf16 run: more exact than its bf16 weights file.
+            load_fp32_params(b.module(net), state.pop("fp32_params", None))
+            self._weights_loaded(net)
+            if state["state"] and all(isinstance(k, int) for k in state["state"]):
+                b.optimizer(net).load_state_dict(state)  # written by distgan <= 0.x: positional keys
+                continue
+            set_optimizer_state_dict(self._model(net), b.optimizer(net), state,
+                                     options=StateDictOptions(full_state_dict=True))
+
+    def _weights_loaded(self, net: str) -> None:
+        """Hook: the full weights of `net` are in `backend.module(net)` (FSDP shards them in here)."""
+
+
+@torch.no_grad()
+def load_fp32_params(module: nn.Module, fp32: dict[str, torch.Tensor] | None) -> None:
+    """Copy saved fp32 master weights into `module`'s parameters (nothing when there are none)."""
+    if not fp32:
+        return
+    for name, p in module.named_parameters():
+        if name in fp32:
+            p.copy_(fp32[name])
 
 
 class Backend(ABC):
@@ -157,7 +195,7 @@ class Backend(ABC):
     def __init__(self) -> None:
         self.skipped_steps = 0
         """Optimizer steps that fp16 loss scaling skipped (saved with the checkpoint)."""
-        self.optimizer_state: Any = ReplicatedOptimizers(self)
+        self.optimizer_state: Any = FullOptimizerState(self)
         """Checkpoint part (`save(folder)` / `load(folder)`, a collective) holding the optimizers."""
         self._trainable: str | None = None
         self._switchable: dict[str, list[nn.Parameter]] = {}
@@ -179,6 +217,11 @@ class Backend(ABC):
     @abstractmethod
     def optimizer(self, net: str) -> torch.optim.Optimizer:
         """The torch optimizer of `net` (unwrapped), for learning rates and state."""
+
+    def set_adam(self, net: str, spec: AdamSpec) -> None:
+        """New learning rate and betas for `net`'s optimizer (scheduled hyperparameters)."""
+        for group in self.optimizer(net).param_groups:
+            group["lr"], group["betas"] = spec.lr, spec.betas
 
     @abstractmethod
     def _make_handle(self, phase: Phase) -> PhaseHandle: ...

@@ -16,8 +16,10 @@ The route DeepSpeed's GAN tutorial takes, with what was found to work on this st
   already divides the loss by the number of micro-steps, hence `scale_wrt_gas=False`);
 * bf16: the engines hold bf16 weights (fp32 master copies inside the optimizer); floating inputs
   are cast to bf16 on the way in;
-* checkpoints: each engine saves its own (partitioned) optimizer state with
-  `save_checkpoint`, a collective, into `<checkpoint>/ds_G` and `ds_D`.
+* checkpoints: distgan's format, not DeepSpeed's pickles: the partitioned optimizer state and
+  fp32 masters are gathered into `optim_G.pt` / `optim_D.pt` keyed by parameter name (see
+  `zero_state.py`), so that a DeepSpeed checkpoint resumes under any backend and world size, and
+  any backend's checkpoint resumes here.
 
 ZeRO-3 is refused (`check_combination`): its partitioned parameters cannot be used through
 the raw module of the frozen network.
@@ -35,14 +37,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distgan.backends.base import NETS, AdamSpec, Backend, PhaseHandle, StepReport, resolve_precision, use_cpu
+from distgan.backends.base import AdamSpec, Backend, PhaseHandle, StepReport, resolve_precision, use_cpu
+from distgan.backends.zero_state import EngineOptimizerState
 from distgan.config import Config
 from distgan.distributed import discover, export_env
-from distgan.errors import CheckpointError, ConfigError, WorldSizeError
+from distgan.errors import ConfigError, WorldSizeError
 from distgan.gan.phases import Phase
 
-
-DS_TAG = "state"
 
 
 def _skip_shm_comm_op() -> None:
@@ -155,7 +156,7 @@ class DeepSpeedBackend(Backend):
         # fp32 stage 0: this backend all-reduces and clips itself, so that it knows the norm.
         self._own_sync = cfg.dist.zero_stage == 0 and self._dtype is None
         self.grad_clip = cfg.optim.grad_clip if self._own_sync else 0.0  # else DeepSpeed clips
-        self.optimizer_state = _EngineCheckpoints(self)
+        self.optimizer_state = EngineOptimizerState(self)
         self._engines: dict = {}
         self._opts: dict[str, torch.optim.Optimizer] = {}
 
@@ -238,25 +239,3 @@ class _EngineHandle(PhaseHandle):
         if hasattr(self._engine.optimizer, "zero_grad"):
             self._engine.optimizer.zero_grad()
         self._engine.zero_grad()
-
-
-class _EngineCheckpoints:
-    """Each engine writes its own (partitioned) checkpoint: a collective, every rank writes its part."""
-
-    def __init__(self, backend: DeepSpeedBackend):
-        self.backend = backend
-
-    def save(self, folder: Path) -> None:
-        for net in NETS:
-            self.backend._engines[net].save_checkpoint(str(Path(folder) / f"ds_{net}"), tag=DS_TAG, save_latest=False)
-
-    def load(self, folder: Path) -> None:
-        for net in NETS:
-            path = Path(folder) / f"ds_{net}"
-            if not (path / DS_TAG).is_dir():
-                raise CheckpointError(f"{folder} has no DeepSpeed state for {net} ({path / DS_TAG}): it was not written by "
-                                      "dist.backend=deepspeed. Resume it with the backend that wrote it.")
-            loaded, _ = self.backend._engines[net].load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                                                    load_lr_scheduler_states=False)
-            if loaded is None:
-                raise CheckpointError(f"DeepSpeed could not load {path / DS_TAG} (written with another world size or ZeRO stage?)")

@@ -22,17 +22,15 @@ What differs from DDP:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from distgan.backends.accelerate import start_accelerator
-from distgan.backends.base import NETS, AdamSpec, Backend, PhaseHandle, StepReport
+from distgan.backends.base import AdamSpec, Backend, FullOptimizerState, PhaseHandle, StepReport
 from distgan.config import Config
 from distgan.gan.phases import Phase
 
@@ -47,7 +45,7 @@ class FSDPBackend(Backend):
         self.device = acc.device
         self.mixed_precision = str(acc.mixed_precision)
         self.grad_clip = cfg.optim.grad_clip
-        self.optimizer_state = _FullOptimizerState(self)
+        self.optimizer_state = _ShardedOptimizerState(self)
         self._replica: dict[str, nn.Module] = {}
         self._sharded: dict[str, nn.Module] = {}
         self._opts: dict[str, torch.optim.Optimizer] = {}
@@ -113,7 +111,11 @@ class _FSDPHandle(PhaseHandle):
     def __init__(self, backend: FSDPBackend, phase: Phase):
         super().__init__(backend, phase, backend._sharded["G"], backend._sharded["D"])
         self._sharded = backend._sharded[phase.net]
-        self.params = list(self._sharded.parameters())
+        # The parameters the optimizer steps (the sharded DTensors that receive the gradients), not
+        # `self._sharded.parameters()`: a handle made while the root module is still unsharded
+        # after a forward (G, once D's phases ran it) would list the unsharded tensors, which
+        # never get a .grad, and report (and clip to) a gradient norm of 0.
+        self.params = [p for group in backend.optimizer(phase.net).param_groups for p in group["params"]]
 
     def micro_batch(self, last: bool):
         return _GradientSync(self._sharded, last)
@@ -144,23 +146,14 @@ class _GradientSync:
             self.module.set_requires_gradient_sync(True)
 
 
-class _FullOptimizerState:
-    """Full (unsharded) optimizer state in the checkpoint, so that it loads at any world size."""
+class _ShardedOptimizerState(FullOptimizerState):
+    """The common full-state format (`base.FullOptimizerState`): torch gathers the sharded Adam
+    state for saving and re-shards a loaded one for this world size."""
 
-    def __init__(self, backend: FSDPBackend):
-        self.backend = backend
+    def _model(self, net: str) -> nn.Module:
+        return self.backend._sharded[net]
 
-    def save(self, folder: Path) -> None:
-        b, options = self.backend, StateDictOptions(full_state_dict=True, cpu_offload=True)
-        for net in NETS:
-            state = get_optimizer_state_dict(b._sharded[net], b._opts[net], options=options)  # collective
-            if b.is_main:
-                torch.save(state, Path(folder) / f"optim_{net}.pt")
-
-    def load(self, folder: Path) -> None:
-        b, options = self.backend, StateDictOptions(full_state_dict=True)
-        for net in NETS:
-            # The checkpointer has just loaded the full weights into the replica: shard them in.
-            set_model_state_dict(b._sharded[net], b._replica[net].state_dict(), options=options)
-            state = torch.load(Path(folder) / f"optim_{net}.pt", map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(b._sharded[net], b._opts[net], state, options=options)
+    def _weights_loaded(self, net: str) -> None:
+        # The checkpointer has just loaded the full weights into the replica: shard them in.
+        b = self.backend
+        set_model_state_dict(b._sharded[net], b._replica[net].state_dict(), options=StateDictOptions(full_state_dict=True))

@@ -1,5 +1,5 @@
 """distgan's trainer against a plain hand-written PyTorch GAN loop doing the same work (same
-models, batches, objective, DiffAugment and EMA), in alternating rounds; targets: median ratio
+models, batches, objective and regularizers, augmentation and EMA), in alternating rounds; targets: median ratio
 <= 1.02 and at most 1 ms per generator step more than the plain loop."""
 
 from __future__ import annotations
@@ -15,43 +15,79 @@ import torch.nn.functional as F
 from distgan.benchmarks.timing import InMemoryStream, bench_trainer, random_batches
 from distgan.config import Config
 from distgan.gan.augment import diff_augment
+from distgan.gan.augpipe import AugmentPipe
 from distgan.models import build_models
+from distgan.schedules import Scheduled
 
 
 class PlainLoop:
-    """The same GAN step written by hand in plain PyTorch (logistic loss, DiffAugment, EMA)."""
+    """The same GAN step written by hand in plain PyTorch: the logistic or relativistic (R3GAN)
+    loss, R1/R2 in the D step or lazily, DiffAugment and/or the bgc pipeline at its initial p,
+    and the EMA."""
 
     def __init__(self, cfg: Config, batches: list):
         torch.manual_seed(cfg.train.seed)
         self.G, self.D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, 0)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.g_lr, betas=cfg.optim.g_betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.d_betas)
-        policy = cfg.loss.diffaugment
-        self.augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+        betas = lambda pair: tuple(b.at(0) for b in pair)  # noqa: E731
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.g_lr.at(0), betas=betas(cfg.optim.g_betas))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.d_lr.at(0), betas=betas(cfg.optim.d_betas))
+        policy, pipe = cfg.loss.diffaugment, AugmentPipe(cfg.loss.augment_p.at(0)) if cfg.loss.augment else None
+        self.augment = lambda x: diff_augment(pipe(x) if pipe else x, policy) if policy else (pipe(x) if pipe else x)
+        self.relativistic = cfg.loss.objective == "rpgan"
+        self.gammas = (cfg.loss.r1_gamma.at(0), cfg.loss.r2().at(0))
+        self.lazy = cfg.loss.r1_interval if cfg.loss.r1_interval > 1 else 0
         self.batches, self.n, self.d_steps, self.i = batches, cfg.data.batch_size, cfg.optim.d_steps, 0
+
+    def _penalties(self, real, fake) -> torch.Tensor:
+        """gamma/2 E||grad D||^2 on reals (R1) and fakes (R2), from one double backward."""
+        pairs = list(zip((real, fake), self.gammas))
+        if self.lazy:  # a lazy phase forwards only what its penalties need
+            pairs = [(x, g) for x, g in pairs if g != 0]
+        parts = [x.detach().requires_grad_(g != 0) for x, g in pairs]
+        logits = self.D(self.augment(torch.cat(parts)))
+        weighted = [(x, g) for x, (_, g) in zip(parts, pairs) if g != 0]
+        grads = torch.autograd.grad(logits.sum(), [x for x, _ in weighted], create_graph=True)
+        penalty = sum(g / 2 * grad.square().flatten(1).sum(1).mean() for (_, g), grad in zip(weighted, grads))
+        return penalty, logits
 
     def step(self) -> None:
         G, D, n, augment = self.G, self.D, self.n, self.augment
+        penalized = self.gammas != (0.0, 0.0)
         for _ in range(self.d_steps):
             real = self.batches[self.i % len(self.batches)][0]
             self.i += 1
             with torch.no_grad():
                 fake = G(torch.randn(n, G.z_dim))
-            logits = D(augment(torch.cat([real, fake])))
-            loss = F.softplus(-logits[:n]).mean() + F.softplus(logits[n:]).mean()
+            if penalized and not self.lazy:
+                penalty, logits = self._penalties(real, fake)
+            else:
+                penalty, logits = 0.0, D(augment(torch.cat([real, fake])))
+            r, f = logits[:n], logits[n:]
+            adv = F.softplus(f - r).mean() if self.relativistic else F.softplus(-r).mean() + F.softplus(f).mean()
             self.opt_D.zero_grad(set_to_none=True)
-            loss.backward()
+            (adv + penalty).backward()
             self.opt_D.step()
+            if penalized and self.lazy and self.i % self.lazy == 0:
+                with torch.no_grad():
+                    fake = G(torch.randn(n, G.z_dim))
+                penalty, _ = self._penalties(real, fake)
+                self.opt_D.zero_grad(set_to_none=True)
+                (penalty * self.lazy).backward()
+                self.opt_D.step()
         D.requires_grad_(False)
-        loss = F.softplus(-D(augment(G(torch.randn(n, G.z_dim))))).mean()
+        fake = G(torch.randn(n, G.z_dim))
+        if self.relativistic:
+            logits = D(augment(torch.cat([fake, real])))
+            loss = F.softplus(logits[n:] - logits[:n]).mean()
+        else:
+            loss = F.softplus(-D(augment(fake))).mean()
         self.opt_G.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_G.step()
         D.requires_grad_(True)
         with torch.no_grad():
-            for pe, p in zip(self.G_ema.parameters(), G.parameters()):
-                pe.lerp_(p, 1 - 0.999)
+            torch._foreach_lerp_(list(self.G_ema.parameters()), list(G.parameters()), 1 - 0.999)
 
 
 def loop_overhead(cfg: Config, steps: int = 40, rounds: int = 7) -> dict:
@@ -66,7 +102,9 @@ def loop_overhead(cfg: Config, steps: int = 40, rounds: int = 7) -> dict:
     every round.
     """
     cfg = copy.deepcopy(cfg)
-    cfg.loss.objective, cfg.loss.r1_gamma, cfg.optim.accumulate, cfg.model.conditional = "logistic", 0.0, 1, False
+    if cfg.loss.objective not in ("logistic", "rpgan"):
+        cfg.loss.objective, cfg.loss.r1_gamma, cfg.loss.r2_gamma = "logistic", Scheduled(0.0), None
+    cfg.optim.accumulate, cfg.model.conditional = 1, False
     cfg.train.log_every = steps
     batches = random_batches(cfg, 16)
     plain = PlainLoop(cfg, batches)

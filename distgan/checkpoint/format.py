@@ -3,7 +3,8 @@
 Layout of one checkpoint (`<run>/checkpoints/step-000001000/`):
 
     G.safetensors  D.safetensors  G_ema.safetensors   network weights (Scope.WEIGHTS)
-    optim_G.pt  optim_D.pt  (or ds_G/, ds_D/)         optimizer state, written by the backend
+    optim_G.pt  optim_D.pt                           full optimizer state keyed by parameter name,
+                                                     the same for every backend and world size
                                                      (torch.load(weights_only=True) reads it back)
     rank-00000.json  rank-00000.safetensors           per-rank state: RNG, data position
     state.json                                        shared state (counters, run facts, best
@@ -75,6 +76,26 @@ def write_rank(folder: Path, rank: int, state: dict[str, dict]) -> None:
     (folder / f"rank-{rank:05d}.json").write_text(json.dumps(plain))
 
 
+def write_optimizer(folder: Path, net: str, state: dict[str, Any]) -> None:
+    """One network's full optimizer state, in the layout of torch.distributed.checkpoint's *full*
+    optimizer state dict: `{"state": {param name: {"step", "exp_avg", "exp_avg_sq"}},
+    "param_groups": [{..., "params": [param names]}]}`, plus `"fp32_params": {name: tensor}` when the
+    backend trains fp32 master copies of low-precision weights (DeepSpeed bf16). Keyed by names, not
+    by positions or shards, so that every backend at every world size reads it."""
+    torch.save(state, Path(folder) / f"optim_{net}.pt")
+
+
+def read_optimizer(folder: Path, net: str) -> dict[str, Any]:
+    """`write_optimizer`'s state; `weights_only`: a checkpoint never executes pickled code."""
+    file = Path(folder) / f"optim_{net}.pt"
+    if not file.is_file():
+        native = " (it holds DeepSpeed's native ds_G/ds_D folders: resume it with the distgan version that wrote " \
+                 "it, same world size and ZeRO stage)" if (Path(folder) / f"ds_{net}").is_dir() else ""
+        raise CheckpointError(f"{folder} has no optimizer state for {net} ({file.name}){native}")
+    # "cpu", not the device: torch cannot map to "cpu:0"; loading moves state to the parameters.
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def write_manifest(folder: Path) -> None:
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     (folder / MANIFEST).write_text(json.dumps({name: sha256(folder / name) for name in files}, indent=1))
@@ -125,12 +146,18 @@ def read_rank(folder: Path, rank: int) -> dict[str, dict] | None:
     return state
 
 
-def load_weights(module: torch.nn.Module, file: Path) -> None:
-    """Load a safetensors state dict, naming missing or unexpected keys clearly."""
-    state = load_file(str(file))
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{file} does not fit this model: missing {result.missing_keys[:5]}, "
+def load_weights(module: torch.nn.Module, file: Path, skip: frozenset[str] = frozenset()) -> None:
+    """Load a safetensors state dict, naming missing, unexpected or misshapen keys clearly. Keys in
+    `skip` keep the module's own values (fine-tuning's fresh class embeddings)."""
+    state = {k: v for k, v in load_file(str(file)).items() if k not in skip}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch: torch lists every key, one per line
+        raise CheckpointError(f"{file} does not fit this model (was it trained with another model config?): "
+                              f"{' '.join(str(e).split())[:600]}") from None
+    missing = [k for k in result.missing_keys if k not in skip]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{file} does not fit this model: missing {missing[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]} (was it trained with another model config?)")
 
 

@@ -23,6 +23,7 @@ the old run's checkpoints: pick a new run folder or delete the old one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -38,6 +39,8 @@ from distgan.checkpoint.format import (BEST, BEST_INFO, LATEST, load_weights, re
                                        step_of, verify, write_manifest, write_rank, write_shared, write_weights)
 from distgan.checkpoint.state import BestRecord, Scope
 from distgan.errors import CheckpointError
+
+log = logging.getLogger("distgan")
 
 
 class Checkpointer:
@@ -254,10 +257,10 @@ class Checkpointer:
         for name, obj in objects[Scope.SHARED].items():
             if name in info.state:
                 obj.load_state_dict(info.state[name])
-        self._load_per_rank(path, info.world_size)
+        self._load_per_rank(path, info.world_size, info.step)
         return info.config
 
-    def _load_per_rank(self, path: Path, saved_world: int) -> None:
+    def _load_per_rank(self, path: Path, saved_world: int, step: int) -> None:
         b, objects = self.backend, self._objects[Scope.PER_RANK]
         if saved_world == b.world_size:
             state = read_rank(path, b.rank) or {}
@@ -265,12 +268,15 @@ class Checkpointer:
                 if name in state:
                     obj.load_state_dict(state[name])
             return
-        # Another world size: objects that can map rank 0's state onto the new layout take it
-        # (the data position: every rank has consumed as many batches as rank 0); the rest start fresh.
+        # Another world size. Objects that map rank 0's state onto the new layout take it (the
+        # data position: every rank consumed as many batches as rank 0, so rank 0's position
+        # says where all of them are); the others derive this rank's state afresh (RNG streams:
+        # from the per-rank seed and the step, so the resumed run is reproducible).
         first = read_rank(path, 0) or {}
         for name, obj in objects.items():
             if getattr(obj, "carries_over_world_change", False) and name in first:
                 obj.load_state_dict(first[name])
-        warnings.warn(f"{path} was written by {saved_world} processes, this run has {b.world_size}: "
-                      "RNG states start fresh, the data position is carried over approximately "
-                      "(weights and optimizers are restored).", stacklevel=2)
+            elif hasattr(obj, "rederive"):
+                obj.rederive(b.rank, step)
+        log.info("%s was written by %d processes, this run has %d: weights and optimizer state re-sharded, "
+                 "RNG streams re-derived per rank, the data stream continues the epoch", path, saved_world, b.world_size)

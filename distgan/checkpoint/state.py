@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
@@ -19,6 +20,7 @@ import torch
 
 from distgan.config import frozen_keys
 from distgan.errors import ConfigError
+from distgan.schedules import Scheduled
 
 
 class Stateful(Protocol):
@@ -135,13 +137,24 @@ class RngStreams:
     A loaded state is held back and applied by the trainer right before its next step
     (`apply_loaded`), so that whatever draws random numbers while the loop is being set up
     (tracker, data iterator) cannot shift the resumed run away from the uninterrupted one.
-    A checkpoint of another world size has no state for this rank: the streams start fresh.
+    A checkpoint of another world size has no state for this rank: `rederive` seeds the streams
+    from (this process's seed, the step), so a resumed run on a new world size is reproducible
+    and never replays the latents of the run's first steps.
     """
 
     carries_over_world_change = False
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
+
+    def rederive(self, rank: int, step: int) -> None:
+        """Streams for `rank` at `step` of a run resumed on another world size: a pure function of
+        the per-rank seed that `run.py` set (torch.initial_seed()) and the step."""
+        seed = int.from_bytes(hashlib.sha256(f"{torch.initial_seed()}:{rank}:{step}".encode()).digest()[:8], "little")
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self._loaded = capture_rng()
 
     def state_dict(self) -> dict[str, Any]:
         return capture_rng()
@@ -170,8 +183,10 @@ def isolated_rng() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- resume compatibility
 
-# Keys besides config.frozen_keys() that change the networks or the optimizer state layout.
-_ALSO_FROZEN = ("model.g_norm", "dist.fsdp")
+# Keys besides config.frozen_keys() that change the networks. The backend (dist.backend,
+# dist.zero_stage, dist.fsdp) and the world size may change: optimizer state is stored whole and
+# keyed by parameter name (checkpoint.format.write_optimizer).
+_ALSO_FROZEN = ("model.g_norm",)
 
 
 def check_resume_compatible(saved: dict, current: dict) -> None:
@@ -190,7 +205,7 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
             changed.append(f"{key}: checkpoint has {old!r}, config has {new!r}")
     # R1 on/off switches D's Adam to lazy-regularization lr/betas (its value alone may change).
     old_r1, new_r1 = get(saved, "loss.r1_gamma"), get(current, "loss.r1_gamma")
-    if old_r1 is not None and (old_r1 > 0) != (new_r1 > 0):
+    if old_r1 is not None and Scheduled.parse(old_r1, "loss.r1_gamma").nonzero() != Scheduled.parse(new_r1, "loss.r1_gamma").nonzero():
         changed.append(f"loss.r1_gamma: checkpoint has {old_r1!r}, config has {new_r1!r} (turns lazy R1 on/off)")
     if changed:
         raise ConfigError("Cannot resume with a config that changes the networks or optimizers:\n  " + "\n  ".join(changed)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from distgan.benchmarks.comm import comm_report
 from distgan.benchmarks.data import data_overhead, data_throughput
 from distgan.benchmarks.loop import loop_overhead
 from distgan.benchmarks.scaling import measure_scaling
@@ -15,7 +16,7 @@ IN_PROCESS = {"loop": loop_overhead, "data": data_overhead, "throughput": data_t
 
 
 @click.command("bench", context_settings={"ignore_unknown_options": True})
-@click.argument("which", type=click.Choice([*IN_PROCESS, "scaling", "all"]), default="all")
+@click.argument("which", type=click.Choice([*IN_PROCESS, "scaling", "comm", "all"]), default="all")
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="YAML recipe (default: configs/default.yaml; not for scaling).")
 @click.option("--steps", default=40, show_default=True, help="Timed generator steps per measurement (after as many warm-up steps).")
 @click.option("--rounds", type=int, default=None, help="Alternating rounds; the median ratio (scaling: each setup's best) is reported. [default: 7; scaling: 2]")
@@ -23,9 +24,10 @@ IN_PROCESS = {"loop": loop_overhead, "data": data_overhead, "throughput": data_t
 @click.option("--batch", default=32, show_default=True, help="scaling: images per process per step.")
 @click.option("--width", default=32, show_default=True, help="scaling: G and D base width.")
 @click.option("--skip-zero", is_flag=True, help="scaling: only the DDP measurement, not the ZeRO/FSDP optimizer sizes.")
+@click.option("--compute-s", default=0.1, show_default=True, help="comm: one GPU's compute seconds per generator step.")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def bench_command(which: str, config: str | None, steps: int, rounds: int | None, warmup: int, batch: int, width: int,
-                  skip_zero: bool, overrides: tuple[str, ...]) -> None:
+                  skip_zero: bool, compute_s: float, overrides: tuple[str, ...]) -> None:
     """Measure distgan's overhead as ratios in one run; prints one JSON line per benchmark.
 
     \b
@@ -35,6 +37,8 @@ def bench_command(which: str, config: str | None, steps: int, rounds: int | None
     throughput  the data stream alone, img/s with 1 and 2 loader workers
     scaling     2 processes vs 1 on CPU (efficiency, target >= 0.85), and optimizer-state bytes
                 per rank under DDP, ZeRO-1/2 and FSDP (several minutes; not part of `all`)
+    comm        bytes all-reduced per generator step from the real models and phase list, and the
+                projected step time / weak-scaling efficiency on 8 GPUs (NVLink) and 4x8 (InfiniBand)
     all         loop, data and throughput
 
     \b
@@ -50,6 +54,10 @@ def bench_command(which: str, config: str | None, steps: int, rounds: int | None
             click.echo(json.dumps(row))
         return
     cfg = default_config(config, list(overrides))
+    if which == "comm":
+        for row in comm_report(cfg, compute_s):
+            click.echo(json.dumps(row))
+        return
     for name in IN_PROCESS if which == "all" else [which]:
         kwargs = {"batches": steps} if name == "throughput" else {"steps": steps, "rounds": rounds or 7}
         click.echo(json.dumps(IN_PROCESS[name](cfg, **kwargs)))

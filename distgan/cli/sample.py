@@ -8,7 +8,7 @@ from distgan.sampling import sample_to
 
 
 @click.command("sample")
-@click.option("--ckpt", required=True, type=click.Path(exists=True), help="Checkpoint folder or run folder (its latest checkpoint).")
+@click.option("--ckpt", required=True, type=click.Path(exists=True), help="Export folder (`distgan export`), checkpoint folder or run folder (its latest checkpoint).")
 @click.option("--n", "n", default=64, show_default=True, help="Number of images.")
 @click.option("--out", required=True, type=click.Path(), help="A .png file for a grid, or a folder for N separate PNGs.")
 @click.option("--seed", default=0, show_default=True, help="Latent seed (the same seed gives the same images).")
@@ -22,6 +22,7 @@ def sample_command(ckpt: str, n: int, out: str, seed: int, class_: int | None, r
       distgan sample --ckpt runs/default --n 64 --out grid.png
       distgan sample --ckpt runs/cond/checkpoints/step-000005000 --n 16 --class 3 --out cls3.png
       distgan sample --ckpt runs/default --n 1000 --out fakes/      # 1000 separate PNGs
+      distgan sample --ckpt exports/emoji --n 16 --out grid.png     # an export folder
     """
     path = sample_to(ckpt, n=n, out=out, seed=seed, class_index=class_, raw=raw)
     click.echo(f"wrote {path}")

@@ -50,8 +50,8 @@ class Prefetcher:
     consumed position as its checkpoint state."""
 
     carries_over_world_change = True
-    """Every rank consumed as many batches as rank 0: the stream maps that position onto another
-    world size (approximately, with a warning of its own)."""
+    """Every rank consumed as many batches as rank 0, so rank 0's position says where all ranks
+    are: the stream continues that epoch under another world size (data/position.py)."""
 
     def __init__(self, stream: DataStream, source: str, depth: int = 4):
         self.stream, self.source = stream, source

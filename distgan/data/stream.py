@@ -48,10 +48,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distgan.data.cache import materialize
 from distgan.data.decode import SampleError, decode_sample, describe_error, flip_bit
 from distgan.data.format import MANIFEST, count_samples, expand_urls, read_manifest
+from distgan.data.position import (Interval, Segment, available_after, batch_order, slice_intervals, total, worker_quotas,
+                                   worker_tag)
 from distgan.errors import DataError
 
 log = logging.getLogger("distgan.data")
-_PLAN_KEYS = ("seed", "rank", "world_size", "workers", "batch_size", "shuffle_buffer", "resampled", "num_samples")
+_PLAN_KEYS = ("seed", "world_size", "workers", "batch_size", "shuffle_buffer", "resampled", "num_samples")
+_LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer")  # a new segment maps these exactly
 
 
 @dataclass
@@ -105,17 +108,6 @@ def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) 
 # ---------------------------------------------------------------------------- epoch plan
 
 
-def worker_quotas(batches: int, workers: int) -> list[int]:
-    """Split a rank's batches over its workers (the first ones take the remainder)."""
-    workers = max(1, workers)
-    return [batches // workers + (w < batches % workers) for w in range(workers)]
-
-
-def batch_order(quotas: list[int]) -> list[tuple[int, int]]:
-    """(worker, batch index) in the order the stream yields them: round robin, like DataLoader."""
-    return [(w, r) for r in range(max(quotas, default=0)) for w, t in enumerate(quotas) if r < t]
-
-
 def shard_pieces(counts: list[int], seed: int, epoch: int, start: int, length: int) -> list[tuple[int, int, int]]:
     """(shard, first, end) sample slices covering [start, start+length) of this epoch's shard order."""
     order = list(range(len(counts)))
@@ -167,7 +159,16 @@ class _ShardDataset(IterableDataset):
         self.hflip, self.buf, self.resampled = cfg.hflip, cfg.shuffle_buffer, cfg.resampled
         self.seed, self.rank, self.workers, self.batches = seed, rank, workers, batches
         self.shared = shared  # [epoch, batches already consumed]: read when each epoch starts
+        self.layout: tuple[int, list[Interval], int, int] | None = None
+        """(epoch, available base positions, batches per rank, segment index) of an epoch that a
+        resumed run continues under another plan (see data/position.py); other epochs read all."""
         self.warned = False
+
+    def plan(self, epoch: int) -> tuple[list[Interval], int, int]:
+        """This epoch's available positions, batches per rank and segment index."""
+        if self.layout is not None and self.layout[0] == epoch:
+            return self.layout[1:]
+        return [(0, sum(self.counts))], self.batches, 0
 
     def _read(self, pieces: Iterator[tuple[int, int, int]], ctx: _Ctx) -> Iterator[dict[str, Any]]:
         for shard, lo, hi in pieces:
@@ -194,7 +195,8 @@ class _ShardDataset(IterableDataset):
         return wds.shuffle(self.buf, initial=self.buf, rng=rng)(samples)
 
     def _samples(self, epoch: int, w: int, quotas: list[int], ctx: _Ctx) -> Iterator[dict[str, Any]]:
-        tag = f"{epoch}:{self.rank}:{w}"
+        available, batches, segment = self.plan(epoch)
+        tag = worker_tag(epoch, self.rank, w, segment)
         if self.resampled:
             rng = random.Random(f"{self.seed}:resample:{tag}")
 
@@ -210,8 +212,9 @@ class _ShardDataset(IterableDataset):
 
             yield from self._shuffle(self._read(draws(), ctx), tag)
             return
-        start = (self.rank * self.batches + sum(quotas[:w])) * self.bs
-        pieces = shard_pieces(self.counts, self.seed, epoch, start, quotas[w] * self.bs)
+        start = (self.rank * batches + sum(quotas[:w])) * self.bs
+        pieces = [piece for a, b in slice_intervals(available, start, quotas[w] * self.bs)
+                  for piece in shard_pieces(self.counts, self.seed, epoch, a, b - a)]
         for p in itertools.count():  # pass 0 is the epoch; later passes only refill skipped samples
             before, ctx.quiet = ctx.read, p > 0
             live = [piece for piece in pieces if piece[0] not in ctx.dead]
@@ -239,7 +242,7 @@ class _ShardDataset(IterableDataset):
         info = get_worker_info()
         w = info.id if info is not None else 0
         epoch, consumed = int(self.shared[0]), int(self.shared[1])
-        quotas = worker_quotas(self.batches, self.workers)
+        quotas = worker_quotas(self.plan(epoch)[1], self.workers)
         done = sum(1 for v, _ in batch_order(quotas)[:consumed] if v == w)
         span = sum(self.counts) if self.resampled else quotas[w] * self.bs
         ctx = _Ctx(limit=span + self.buf + 16)
@@ -275,14 +278,16 @@ class ImageStream:
                             f"than world_size x batch_size = {world_size} x {cfg.batch_size}: rank {rank} would "
                             f"get no batch")
         self.workers = min(cfg.workers, self.batches_per_epoch)  # a worker without a batch would only idle
-        self._plan = {"seed": seed, "rank": rank, "world_size": world_size, "workers": self.workers,
+        self._rank = rank
+        self._plan = {"seed": seed, "world_size": world_size, "workers": self.workers,
                       "batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
                       "resampled": cfg.resampled, "num_samples": info.num_samples}
         self._max_skip_fraction = cfg.max_skip_fraction
         self._max_skip = cfg.max_skip_fraction * self.batches_per_epoch * cfg.batch_size
         self._shared = multiprocessing.Array("q", 2, lock=False)  # inherited by the (persistent) workers
-        dataset = _ShardDataset(shards, cfg, seed, rank, self.workers, self.batches_per_epoch,
-                                self._shared)
+        self._dataset = dataset = _ShardDataset(shards, cfg, seed, rank, self.workers, self.batches_per_epoch,
+                                                self._shared)
+        self._segments: list[Segment] = []  # earlier segments of the current epoch (other plans)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                   persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
                                   prefetch_factor=4 if self.workers else None,
@@ -294,10 +299,10 @@ class ImageStream:
         while True:
             epoch, start = self._position()
             if epoch != self._epoch:
-                self._epoch_skipped = 0
+                self._epoch_skipped, self._segments = 0, []
             self._epoch, self._consumed, generation = epoch, start, self._generation
             self._shared[0], self._shared[1] = epoch, start
-            expected = iter(batch_order(worker_quotas(self.batches_per_epoch, self.workers))[start:])
+            expected = iter(batch_order(worker_quotas(self._batches(), self.workers))[start:])
             want, held = next(expected, None), {}
             for x, y, meta in self._loader:  # a new loader pass per epoch: the workers re-read _shared
                 self._absorb(meta["events"], epoch)
@@ -310,8 +315,8 @@ class ImageStream:
                     break  # load_state_dict was called: restart at the loaded position
             else:
                 if want is not None:
-                    raise DataError(f"rank {self._plan['rank']}: epoch {epoch} ended after {self._consumed} of "
-                                    f"{self.batches_per_epoch} batches")
+                    raise DataError(f"rank {self._rank}: epoch {epoch} ended after {self._consumed} of "
+                                    f"{self._batches()} batches")
 
     def _absorb(self, events: list[tuple[str, str, str, int]], epoch: int) -> None:
         for shard, key, reason, count in events:
@@ -325,13 +330,17 @@ class ImageStream:
         if self._epoch_skipped > self._max_skip:
             per_epoch = self.batches_per_epoch * self._plan["batch_size"]
             shards = ", ".join(f"{s} ({n})" for s, n in self._bad_shards.most_common(10))
-            raise DataError(f"rank {self._plan['rank']}, epoch {epoch}: {self._epoch_skipped} samples skipped, more "
+            raise DataError(f"rank {self._rank}, epoch {epoch}: {self._epoch_skipped} samples skipped, more "
                             f"than data.max_skip_fraction={self._max_skip_fraction:g} of the {per_epoch} samples "
                             f"per epoch. Shards with skipped samples: {shards}")
 
+    def _batches(self) -> int:
+        """Batches per rank in the current segment of the epoch (all of it unless resumed under another plan)."""
+        return self._dataset.plan(self._epoch)[1]
+
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches consumed in it), a finished epoch counting as the start of the next."""
-        if self._consumed >= self.batches_per_epoch:
+        """(epoch, batches consumed in its current segment), a finished epoch counting as the start of the next."""
+        if self._consumed >= self._batches():
             return self._epoch + 1, 0
         return self._epoch, self._consumed
 
@@ -340,21 +349,49 @@ class ImageStream:
         return {"skipped": self._skipped, "epoch": epoch, "batches": batches}
 
     def state_dict(self) -> dict[str, Any]:
+        """(epoch, batches of the current segment, earlier segments of the epoch) and the plan;
+        `samples` is the same position for people: samples of the epoch consumed over all ranks."""
         epoch, batches = self._position()
-        return {"epoch": epoch, "batches": batches, "skipped": self._skipped, **self._plan}
+        segments = self._segments if epoch == self._epoch else []
+        per_batch = self._plan["world_size"] * self._plan["batch_size"]
+        samples = sum(g.batches * g.world_size * g.batch_size for g in segments) + batches * per_batch
+        return {"epoch": epoch, "batches": batches, "samples": samples, "segments": [g.as_dict() for g in segments],
+                "skipped": self._skipped, **self._plan}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        segments = [Segment.of(g) for g in state.get("segments", [])]
         changed = [k for k in _PLAN_KEYS if k in state and state[k] != self._plan[k]]
-        if changed:
+        if changed and set(changed) <= set(_LAYOUT_KEYS) and not self._plan["resampled"]:
+            # Another world size, batch size or worker count: the saved segment ends here and a new
+            # one reads what the epoch has left (no sample twice; see data/position.py).
+            segments.append(Segment.of({**state, "batches": batches}))
+            batches = 0
+        elif changed:
             old = state.get("batch_size", 1) * state.get("world_size", 1)
             batches = min(batches * old // (self._plan["batch_size"] * self._plan["world_size"]),
                           self.batches_per_epoch - 1)
+            segments = []
             warnings.warn(f"data stream resumed with different {', '.join(changed)}: same epoch {epoch}, "
                           f"about the same position (batch {batches}), not the exact same batches")
+        self._set_segments(epoch, segments)
+        if segments and self._batches() == 0:  # less than one global batch left: the epoch is done
+            epoch, batches = epoch + 1, 0
+            self._set_segments(epoch, [])
         self._epoch, self._consumed, self._epoch_skipped = epoch, batches, 0
         self._skipped = int(state.get("skipped", 0))
         self._generation += 1
+
+    def _set_segments(self, epoch: int, segments: list[Segment]) -> None:
+        layout = None
+        if segments:
+            p = self._plan
+            available = available_after(segments, p["num_samples"], p["seed"], epoch)
+            layout = (epoch, available, total(available) // (p["world_size"] * p["batch_size"]), len(segments))
+        if layout != self._dataset.layout:
+            self._dataset.layout = layout
+            self.close()  # running workers hold the old layout: the next pass starts new ones
+        self._segments = segments
 
     def close(self) -> None:
         it = getattr(self._loader, "_iterator", None)

@@ -7,13 +7,15 @@ precision (or overflow in fp16) when the batch is large.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("logistic", "hinge", "wgan-gp", "lsgan")
+OBJECTIVES = ("logistic", "hinge", "wgan-gp", "lsgan", "rpgan")
+RELATIVISTIC = ("rpgan",)
+"""Objectives whose G loss compares each fake with a real (the G phase needs real images)."""
 
 
 def _check(objective: str) -> None:
@@ -28,11 +30,15 @@ def d_loss(objective: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     - ``hinge``:    relu(1 - D(x)) + relu(1 + D(G(z)))
     - ``wgan-gp``:  D(G(z)) - D(x); the gradient penalty is added by the caller (``gradient_penalty``)
     - ``lsgan``:    0.5 * ((D(x) - 1)^2 + D(G(z))^2)  (targets real=1, fake=0)
+    - ``rpgan``:    softplus(-(D(x_i) - D(G(z_i))))  (relativistic pairing, R3GAN: real i and
+      fake i are compared one to one, so both batches must have the same size)
 
-    The real and fake terms are averaged separately, so the two batches may differ in size.
+    Otherwise the real and fake terms are averaged separately, so the batches may differ in size.
     """
     _check(objective)
     r, f = real_logits.float(), fake_logits.float()
+    if objective == "rpgan":
+        return F.softplus(f - r).mean()
     if objective == "logistic":
         return F.softplus(-r).mean() + F.softplus(f).mean()
     if objective == "hinge":
@@ -42,11 +48,17 @@ def d_loss(objective: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     return 0.5 * ((r - 1.0).square().mean() + f.square().mean())
 
 
-def g_loss(objective: str, fake_logits: Tensor) -> Tensor:
+def g_loss(objective: str, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
     """Generator loss: ``logistic`` softplus(-D(G(z))) (non-saturating), ``hinge``/``wgan-gp``
-    -D(G(z)), ``lsgan`` 0.5 * (D(G(z)) - 1)^2."""
+    -D(G(z)), ``lsgan`` 0.5 * (D(G(z)) - 1)^2, ``rpgan`` softplus(-(D(G(z_i)) - D(x_i))) (needs
+    ``real_logits``, paired one to one with the fakes)."""
     _check(objective)
     f = fake_logits.float()
+    if objective in RELATIVISTIC:
+        if real_logits is None or real_logits.shape != fake_logits.shape:
+            raise ValueError(f"{objective} pairs each fake with a real: got real logits "
+                             f"{None if real_logits is None else tuple(real_logits.shape)} for fakes {tuple(f.shape)}")
+        return F.softplus(real_logits.float() - f).mean()
     if objective == "logistic":
         return F.softplus(-f).mean()
     if objective in ("hinge", "wgan-gp"):
@@ -54,18 +66,23 @@ def g_loss(objective: str, fake_logits: Tensor) -> Tensor:
     return 0.5 * (f - 1.0).square().mean()
 
 
-def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
-    """Per-sample R1 term ||dD(x)/dx||^2, shape (N,) (Mescheder et al. 2018).
+def zero_centered_penalties(logits: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Per-sample ||dD(x)/dx||^2, shape (N,), for each tensor of ``inputs``, from ONE backward
+    pass: R1 on real images and R2 on fakes (Mescheder et al. 2018; R3GAN uses both).
 
-    ``real_images`` must have had ``requires_grad_(True)`` before the discriminator ran. The
-    graph is kept (``create_graph=True``) so that backpropagating the penalty reaches D's
-    parameters. Summing the logits is valid because sample i's logit depends only on image i
-    (no batch-coupled layers in D). The caller scales by gamma/2 (and the lazy interval).
+    ``inputs`` must have had ``requires_grad_(True)`` before the discriminator ran on them
+    (directly, or concatenated/augmented into ``logits``). The graph is kept
+    (``create_graph=True``) so that backpropagating a penalty reaches D's parameters. Summing the
+    logits is valid because sample i's logit depends only on image i (no batch-coupled layers
+    in D). The caller scales by gamma/2 (and the lazy interval).
     """
-    (grad,) = torch.autograd.grad(
-        outputs=real_logits.sum(), inputs=real_images, create_graph=True, only_inputs=True
-    )
-    return grad.float().square().flatten(1).sum(dim=1)
+    grads = torch.autograd.grad(outputs=logits.sum(), inputs=list(inputs), create_graph=True, only_inputs=True)
+    return [g.float().square().flatten(1).sum(dim=1) for g in grads]
+
+
+def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+    """Per-sample R1 term ||dD(x)/dx||^2 on real images (see `zero_centered_penalties`)."""
+    return zero_centered_penalties(real_logits, [real_images])[0]
 
 
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -103,4 +120,4 @@ def gradient_penalty(
     return (norm - 1.0).square().mean()
 
 
-__all__ = ["OBJECTIVES", "d_loss", "g_loss", "r1_penalty", "gradient_penalty"]
+__all__ = ["OBJECTIVES", "RELATIVISTIC", "d_loss", "g_loss", "r1_penalty", "zero_centered_penalties", "gradient_penalty"]

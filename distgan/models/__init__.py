@@ -4,13 +4,15 @@
     G, D = build_models(cfg.model, resolution, channels, num_classes)
 
 ``G(z, labels=None) -> (N, C, R, R)`` images in [-1, 1]; ``D(x, labels=None) -> (N,)`` raw logits.
-Importing this package registers the built-in archs (``dcgan``, ``resnet``).
+Importing this package registers the built-in archs (``dcgan``, ``resnet``, ``r3gan``).
 """
 
-from distgan.models.registry import ARCHS, CHANNELS, RESOLUTIONS, build_models, check_arch, register_arch
+from distgan.models.registry import (ARCHS, CHANNELS, RESOLUTIONS, build_models, check_arch, discriminator_blocks,
+                                     register_arch)
 
 # Imported for their @register_arch side effect.
 from distgan.models import dcgan as _dcgan  # noqa: E402,F401  isort: skip
 from distgan.models import resnet as _resnet  # noqa: E402,F401  isort: skip
+from distgan.models import r3gan as _r3gan  # noqa: E402,F401  isort: skip
 
-__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "build_models", "check_arch", "register_arch"]
+__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "build_models", "check_arch", "discriminator_blocks", "register_arch"]

@@ -98,7 +98,7 @@ class DCGANDiscriminator(nn.Module):
         return self.head(h.flatten(1), pooled, y)
 
 
-@register_arch("dcgan")
+@register_arch("dcgan", d_blocks="convs")  # FreezeD counts D's strided convs
 def build_dcgan(cfg: ModelSettings, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build the DCGAN pair (G first, then D, so both draw from the seeded RNG in a fixed order)."""
     g = DCGANGenerator(cfg.z_dim, resolution, channels, cfg.g_width, num_classes, cfg.g_norm)

@@ -2,7 +2,8 @@
 
 An architecture registers itself with ``@register_arch("name", resolutions=..., channels=...)``
 on a builder ``(model_cfg, resolution, channels, num_classes) -> (G, D)``, declaring the image
-sizes it supports. ``check_arch`` is the one check of an (arch, resolution, channels) triple:
+sizes it supports and, with ``d_blocks``, what D's "blocks" are: the ordered list, input side
+first, that ``model.freeze_d=K`` (FreezeD) counts when it freezes D's first K blocks. ``check_arch`` is the one check of an (arch, resolution, channels) triple:
 config validation asks it before any work starts, and ``build_models`` asks it again for callers
 that build models without a validated config. It raises ``ConfigError`` with a fix-it message.
 """
@@ -10,7 +11,7 @@ that build models without a validated config. It raises ``ConfigError`` with a f
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from torch import nn
 
@@ -27,6 +28,10 @@ class ModelSettings(Protocol):
     d_width: int
     conditional: bool
     g_norm: str
+    widths: list[int]
+    blocks_per_stage: int
+    expansion: int
+    group_size: int
 
 
 Builder = Callable[[ModelSettings, int, int, int], tuple[nn.Module, nn.Module]]
@@ -41,20 +46,38 @@ so it also shows archs registered later, e.g. by plugins)."""
 
 _REGISTRY: dict[str, tuple[Builder, tuple[int, ...], tuple[int, ...]]] = {}
 
+DBlocks = Callable[[nn.Module], Sequence[nn.Module]]
+_D_BLOCKS: dict[str, str | DBlocks] = {}
+
 
 def register_arch(
-    name: str, resolutions: tuple[int, ...] = RESOLUTIONS, channels: tuple[int, ...] = CHANNELS
+    name: str, resolutions: tuple[int, ...] = RESOLUTIONS, channels: tuple[int, ...] = CHANNELS,
+    d_blocks: str | DBlocks = "blocks",
 ) -> Callable[[Builder], Builder]:
-    """Decorator registering ``builder`` under ``name`` with the resolutions/channels it supports."""
+    """Decorator registering ``builder`` under ``name`` with the resolutions/channels it supports.
+
+    ``d_blocks`` names D's ordered block list (input side first) for FreezeD: an attribute of D
+    (default ``blocks``) or a function ``D -> [blocks]``."""
 
     def decorate(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model arch {name!r} is already registered")
         _REGISTRY[name] = (builder, tuple(resolutions), tuple(channels))
+        _D_BLOCKS[name] = d_blocks
         ARCHS.append(name)
         return builder
 
     return decorate
+
+
+def discriminator_blocks(arch: str, D: nn.Module) -> list[nn.Module]:
+    """D's blocks as ``arch`` declared them (``register_arch(d_blocks=...)``), input side first."""
+    spec = _D_BLOCKS[arch]
+    blocks = spec(D) if callable(spec) else getattr(D, spec, None)
+    if blocks is None:
+        raise ConfigError(f"model.arch={arch!r}: its discriminator has no block list {spec!r}; the architecture "
+                          "must declare one with register_arch(d_blocks=...) before model.freeze_d can be used.")
+    return list(blocks)
 
 
 def check_arch(arch: str, resolution: int, channels: int) -> None:
@@ -95,4 +118,4 @@ def build_models(model_cfg: ModelSettings, resolution: int, channels: int, num_c
     return builder(model_cfg, resolution, channels, classes)
 
 
-__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "check_arch", "build_models"]
+__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "check_arch", "build_models", "discriminator_blocks"]

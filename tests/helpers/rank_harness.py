@@ -14,10 +14,14 @@ section.key=value ...`, or torchrun). Behaviours, each off unless its variable i
   DISTGAN_TEST_FAIL=R:S:MODE rank R, at generator step S: `raise`, `kill` (SIGKILL itself) or
                              `hang` (sleeps; dies of the launcher's SIGTERM).
   DISTGAN_TEST_MULTI=FILE    FILE holds a JSON list of override lists: train each in turn in this
-                             one launch (one process group), dumping run i into DUMP/i/.
+                             one launch (one process group), dumping run i into DUMP/i/. An entry
+                             may be a dict with per-run options (SGD instead of Adam, a planted
+                             bug): see tests/helpers/linear_steps.py.
   DISTGAN_TEST_SLOW_SAVE=SECONDS[@STEP]  sleep once every part of a checkpoint (of that step only,
                              with @STEP) is written, before its manifest and rename, so that a
                              test can SIGKILL the process in the middle of a save.
+  DISTGAN_TEST_RESAVE=1      save a checkpoint right after the resume, before the first step (the
+                             loaded state as this backend and world size write it back).
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from distgan.backends import build_backend
 from distgan.config import load_config
 from distgan.data.stream import DatasetInfo
 from distgan.errors import DistganError
+from distgan.global_batch import apply_global_batch
 from distgan.run import run
 from distgan.trainer import EXIT_PREEMPTED, TrainerHooks
+from tests.helpers.linear_steps import run_options
 
 # ---------------------------------------------------------------------------- indexed data/noise
 
@@ -132,8 +138,9 @@ def _digest(t: torch.Tensor) -> str:
 class TestHooks(TrainerHooks):
     """Records the batches trained on, injects a failure, dumps every rank's weights at the end."""
 
-    def __init__(self, dump_dir: Path | None, fail: str, slow_save: str = ""):
+    def __init__(self, dump_dir: Path | None, fail: str, slow_save: str = "", resave: bool = False):
         self.dump_dir, self.fail, self.slow_save, self.seen = dump_dir, fail, slow_save, []
+        self.resave = resave
 
     def checkpoint_written(self, folder: Path) -> None:
         if not self.slow_save:
@@ -148,6 +155,9 @@ class TestHooks(TrainerHooks):
         self.seen.append(_digest(images))
 
     def step_start(self, trainer) -> None:
+        if self.resave:
+            self.resave = False
+            trainer.save()
         if not self.fail:
             return
         rank, step, mode = self.fail.split(":")
@@ -185,7 +195,8 @@ def _world() -> tuple[int, int]:
 
 def _parts(cfg, dump: Path | None) -> dict:
     env = os.environ.get
-    parts = {"hooks": [TestHooks(dump, env("DISTGAN_TEST_FAIL", ""), env("DISTGAN_TEST_SLOW_SAVE", ""))]}
+    parts = {"hooks": [TestHooks(dump, env("DISTGAN_TEST_FAIL", ""), env("DISTGAN_TEST_SLOW_SAVE", ""),
+                                 env("DISTGAN_TEST_RESAVE") == "1")]}
     if os.environ.get("DISTGAN_TEST_INDEXED") == "1":
         parts.update(indexed_parts(cfg, *_world()))
     return parts
@@ -201,12 +212,17 @@ def main(argv: list[str]) -> int:
             status = run(cfg, **_parts(cfg, Path(dump) if dump else None))
             return EXIT_PREEMPTED if status == "preempted" else 0
         # Several configs in one launch: one process group, so one backend after another on it.
-        for i, extra in enumerate(json.loads(Path(multi).read_text())):
-            cfg = load_config(None, overrides + list(extra))
+        for i, entry in enumerate(json.loads(Path(multi).read_text())):
+            spec = entry if isinstance(entry, dict) else {"overrides": entry}
+            cfg = load_config(None, overrides + list(spec["overrides"]))
             cfg.train.run_dir = str(cfg.run_dir / str(i))  # each run its own folder (no resume across them)
             AcceleratorState._reset_state()
             GradientState._reset_state()
-            run(cfg, backend=build_backend(cfg), **_parts(cfg, Path(dump) / str(i) if dump else None))
+            apply_global_batch(cfg, _world()[1])  # run() does this before the backend it builds
+            backend, run_dump = build_backend(cfg), Path(dump) / str(i) if dump else None
+            parts = _parts(cfg, run_dump)
+            with run_options(spec, backend, parts["hooks"], run_dump):
+                run(cfg, backend=backend, **parts)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0

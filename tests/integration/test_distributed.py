@@ -6,14 +6,22 @@ are refused. Model and batch are tiny; every run takes a few seconds on one thre
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.launch import (BIN, HARNESS, TRAIN, accelerate_cmd, launch, read_dumps, tail, tiny_args,
+from tests.helpers import REPO
+from tests.helpers.launch import (BIN, HARNESS, TRAIN, Result, accelerate_cmd, launch, read_dumps, tail, tiny_args,
                                             torchrun_cmd)
+from tests.helpers.launch import env as launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +53,16 @@ def test_ddp_ranks_stay_identical_and_see_different_data(tiny_shards, tmp_path, 
 
 
 # The objectives and regularizers whose gradient averaging is checked (both DDP paths: the
-# reducer for logistic/hinge/lsgan, the manual all-reduce for WGAN-GP and R1).
+# reducer for logistic/hinge/lsgan, the manual all-reduce for WGAN-GP, R1 and R2).
 AVERAGING_RUNS = [["loss.objective=logistic"], ["loss.objective=hinge"], ["loss.objective=lsgan"],
-                  ["loss.objective=wgan-gp"], ["loss.objective=logistic", "loss.r1_gamma=1.0", "loss.r1_interval=1"]]
+                  ["loss.objective=wgan-gp"], ["loss.objective=logistic", "loss.r1_gamma=1.0", "loss.r1_interval=1"],
+                  # R3GAN: relativistic pairs (G phase on reals too), R1 + R2 inside the D step, and
+                  # as a lazy phase of their own with R2 weighted apart from R1. On R3GAN's D: the
+                  # relativistic loss cannot see an output bias, whose gradient is then pure float
+                  # noise that Adam would blow up to +-lr (DCGAN's D has one; R3GAN's has none).
+                  ["model.arch=r3gan", "loss.objective=rpgan", "loss.r1_gamma=1.0", "loss.r1_interval=1"],
+                  ["model.arch=r3gan", "loss.objective=rpgan", "loss.r1_gamma=0.5", "loss.r2_gamma=2.0",
+                   "loss.r1_interval=2"]]
 
 
 def test_gradient_averaging_matches_one_process_with_the_doubled_batch(tmp_path):
@@ -125,16 +140,44 @@ def test_accelerate_cpu_flag_starting_one_process_is_an_error(tiny_shards, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def launch_timed_from_first_row(cmd: list[str], extra_env: dict[str, str], run_dir: Path, limit: float) -> Result:
+    """Run a launcher; `seconds` counts from the moment rank 0 logged its first metrics row (step 1,
+    just before the injected failure at step 2), so start-up time on a loaded machine does not
+    count. A launch still running `limit` seconds after that row is killed (seconds = inf)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            rows = run_dir / "metrics.jsonl"
+            while proc.poll() is None and not (rows.is_file() and rows.stat().st_size > 0):
+                time.sleep(0.1)
+            logged = time.monotonic()
+            try:
+                proc.wait(timeout=limit)
+                seconds = time.monotonic() - logged
+            except subprocess.TimeoutExpired:
+                seconds = float("inf")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        return Result(proc.returncode, out.read(), seconds)
+
+
 @pytest.mark.parametrize("mode,launcher", [("raise", "accelerate"), ("kill", "torchrun"), ("hang", "accelerate")])
 def test_a_failed_rank_stops_every_rank_within_the_timeout(tiny_shards, tmp_path, mode, launcher):
     timeout_s = 5
-    args = tiny_args(tmp_path / "run", "train.steps=50", f"dist.timeout_s={timeout_s}", source=tiny_shards)
+    args = tiny_args(tmp_path / "run", "train.steps=50", "train.log_every=1", f"dist.timeout_s={timeout_s}",
+                     source=tiny_shards)
     cmd = accelerate_cmd(2, HARNESS, args) if launcher == "accelerate" else torchrun_cmd(2, HARNESS, args)
-    result = launch(cmd, {"DISTGAN_TEST_FAIL": f"1:2:{mode}"}, timeout=120)
+    # Timed from rank 0's step-1 row (an event), not from the start: the timeout + 10 s grace + the
+    # launcher's own shutdown, with room for a loaded 2-core machine; a hang without the timeout
+    # would run into the limit.
+    result = launch_timed_from_first_row(cmd, {"DISTGAN_TEST_FAIL": f"1:2:{mode}"}, tmp_path / "run", limit=150)
     assert result.returncode != 0, tail(result)
     assert not (tmp_path / "run" / "DONE").exists()
-    # startup (~5-10 s on a busy machine) + the timeout + 10 s grace, far below 50 steps' worth of hanging.
-    assert result.seconds < 45 + timeout_s, f"took {result.seconds:.0f} s"
+    assert result.seconds < timeout_s + 60, f"still running {result.seconds:.0f} s after step 1\n{tail(result)}"
     out = result.output
     if mode == "raise":
         assert "stopped because another rank failed (rank 1: RuntimeError: injected failure" in out, tail(result)

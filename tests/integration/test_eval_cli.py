@@ -58,11 +58,26 @@ def test_eval_prints_one_json_line_with_scores_and_settings(trained, tiny_shards
     assert list((trained.parent / "cache" / "fid-real").glob("real-tiny-*.safetensors"))
 
 
-def test_too_few_real_images_for_n(trained, tiny_shards):
+def test_n_above_the_real_images_uses_all_of_them_with_a_notice(trained, tiny_shards):
+    """An N the data cannot fill (the README's `distgan eval` on the built-in emoji: 5000 asked,
+    3,968 usable) evaluates with every real image, says so before generating, and records both."""
     result = run_eval("--ckpt", str(trained), "--data", str(tiny_shards), "--n", "1000", "--extractor", "tiny")
+    assert result.exit_code == 0, result.output
+    notice = "yields only 64 distinct real images, fewer than --n=1000: evaluating with n=64"
+    assert notice in result.stderr
+    assert result.stderr.index(notice) < result.stderr.index(STARTED)  # said before any image is generated
+    out = json.loads(result.stdout)
+    assert (out["n"], out["n_requested"], out["n_real"], out["n_fake"]) == (64, 1000, 64, 64)
+    assert notice in out["notice"] and math.isfinite(out["fid"])
+
+
+def test_fewer_than_two_real_images(trained, tmp_path):
+    images = make_image_folder(tmp_path / "images", n_per_class=1, classes=("one",))
+    one = tmp_path / "one"
+    write_shards(str(images), one, resolution=16, channels=3, crop="none", shard_size=16, workers=1, progress=False)
+    result = run_eval("--ckpt", str(trained), "--data", str(one), "--n", "8", "--extractor", "tiny")
     assert result.exit_code == EvalError.exit_code
-    assert "yields only 64 distinct real images, fewer than --n=1000" in result.stderr
-    assert STARTED not in result.stderr
+    assert "yields only 1 distinct real image(s): FID needs at least 2" in result.stderr and STARTED not in result.stderr
 
 
 def test_data_of_another_resolution(trained, tmp_path):
@@ -108,13 +123,28 @@ def test_no_inception_weights_offline(trained, tiny_shards, tmp_path):
 
 def test_training_checks_eval_inputs_before_the_first_step(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    args = tiny_overrides(tiny_shards, run, "eval.every_kimg=0.1", "eval.extractor=tiny", "eval.n_samples=1000",
-                          f"data.cache_dir={tmp_path / 'cache'}")
+    args = tiny_overrides(tiny_shards, run, "eval.every_kimg=0.1", "eval.extractor=inception",
+                          f"eval.inception_weights={tmp_path / 'nope.pth'}", f"data.cache_dir={tmp_path / 'cache'}")
     proc = subprocess.run([sys.executable, "-m", "distgan", "train", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == EvalError.exit_code
-    assert "distgan: error:" in proc.stderr and "fewer than eval.n_samples=1000" in proc.stderr
+    assert "distgan: error:" in proc.stderr and "nope.pth" in proc.stderr and "Traceback" not in proc.stderr
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_training_evaluates_on_the_real_images_there_are(tiny_shards, tmp_path):
+    """eval.n_samples above the data's images (as resnet-64.yaml's default 5000 on the 3,968
+    usable emoji): the run trains, warns once, and each eval row records the N used and asked."""
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_shards, run, "train.steps=2", "eval.every_kimg=1", "eval.extractor=tiny",
+                          "eval.n_samples=1000", "eval.batch_size=16", f"data.cache_dir={tmp_path / 'cache'}")
+    proc = subprocess.run([sys.executable, "-m", "distgan", "train", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("fewer than eval.n_samples=1000: evaluating with n=64") == 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fid" in r]
+    assert evals and all((r["eval/n_real"], r["eval/n_fake"], r["eval/n_requested"]) == (64, 64, 1000) for r in evals)
 
 
 @pytest.mark.slow

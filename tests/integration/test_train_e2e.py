@@ -166,3 +166,19 @@ def test_python_api_trains(tiny_shards, tmp_path):
     run_dir = distgan.train(cfg, {"train.steps": 2, "train.log_every": 1})
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
     assert cfg.train.steps == 6  # the caller's Config is not modified
+
+
+def test_time_budget_ends_the_run_as_finished(tiny_shards, tmp_path):
+    """train.max_minutes stops a run with far more steps than it can do, as a finished run:
+    the last step logged, sampled and checkpointed, DONE written; `minutes` is logged each row."""
+    run = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_shards, run, "train.steps=100000", "train.max_minutes=0.02",
+                                    "train.log_every=1", "train.ckpt_every=100000", "train.sample_every=100000"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]["step"]
+    assert 1 <= last < 100000 and rows[-1]["minutes"] >= 0.02  # stopped at the first log step past the budget
+    assert all(row["minutes"] < 0.02 for row in rows[:-1])
+    assert all(a["minutes"] <= b["minutes"] for a, b in zip(rows, rows[1:]))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{last:09d}"
+    assert (run / "samples" / f"ema-{last:09d}.png").is_file() and (run / "DONE").read_text().strip() == str(last)

@@ -63,7 +63,10 @@ def ensure_installed(allow_install: bool = True) -> None:
     and ``allow_install`` is true (env ``DISTGAN_SLURM_NO_INSTALL=1`` turns it off).
     """
     if os.geteuid() != 0:
-        raise ClusterUnavailable("not root: the loopback SLURM cluster runs slurmd/munged as root")
+        # slurmd starts each job step as the job's owner (setuid), which only root may do; Debian's
+        # slurm has no rootless mode. CI (.ci/run) runs the suite as root, so these tests run there.
+        raise ClusterUnavailable(f"running as uid {os.geteuid()}, not root: slurmd must be root to start jobs as "
+                                 "their owner; run them as root (.ci/run, or sudo make test)")
     missing = missing_binaries()
     if not missing:
         return

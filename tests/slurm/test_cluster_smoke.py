@@ -56,7 +56,8 @@ def wait_for(cond, timeout: float, what: str, cluster=None, job=None, tmp_path=N
 
 
 def test_cluster_two_node_job_completes_on_both_nodes(slurm_cluster, tmp_path):
-    assert slurm_cluster.startup_seconds < 15, slurm_cluster.startup_seconds
+    # Up within start()'s own waits; 60 s leaves room for a loaded 2-core machine (~1.4 s when idle).
+    assert slurm_cluster.startup_seconds < 60, slurm_cluster.startup_seconds
     script = tmp_path / "two_nodes.sh"
     script.write_text(textwrap.dedent("""\
         #!/bin/bash

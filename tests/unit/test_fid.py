@@ -54,8 +54,10 @@ def test_fid_kid_same_data_zero_and_noise_large():
     assert far["fid"] > 1.0 and far["fid"] > 20 * near["fid"] > 0
     # Unbiased MMD of a set with itself is slightly negative (O(1/n)): near zero next to noise.
     assert abs(same["kid"]) < 0.01 * far["kid"] and far["kid"] > 0.1
-    assert same | {"fid": 0, "kid": 0, "kid_std": 0} == {"fid": 0, "kid": 0, "kid_std": 0, "n_real": 256,
-                                                           "n_fake": 256, "resize": "none", "extractor": "tiny"}
+    # Precision/recall: the same set covers itself; noise lies outside the real manifold.
+    assert (same["precision"], same["recall"]) == (1.0, 1.0) and far["precision"] < 0.05
+    assert same | {"fid": 0, "kid": 0, "kid_std": 0} == {"fid": 0, "kid": 0, "kid_std": 0, "precision": 1.0, "recall": 1.0,
+                                                           "n_real": 256, "n_fake": 256, "resize": "none", "extractor": "tiny"}
 
 
 def test_batching_grayscale_and_labels_do_not_change_the_set():

@@ -20,17 +20,21 @@ def t(*values):
 #  hinge:    relu(1-r) = [0.5, 0, 2] -> 2.5/3; relu(1+f) = [0, 1.5, 1] -> 2.5/3; G = -mean f = 0.5
 #  wgan-gp:  mean f - mean r = 0.5 - 2 = -1.5; G = -0.5
 #  lsgan:    (r-1)^2 = [1, 0.25] -> 0.625; f^2 = [0.25, 1] -> 0.625; D = 0.5*1.25; G = 0.5*mean([0.25, 4])
+#  rpgan:    pairs (r_i, f_i) = (1, 0), (-1, 1): D = mean softplus(f - r) = (softplus(-1) + softplus(2))/2
+#            = (0.313262 + 2.126928)/2; G = mean softplus(r - f) = (softplus(1) + softplus(-2))/2
+#            = (1.313262 + 0.126928)/2
 CASES = [
     ("logistic", t(0.0, 2.0), t(0.0, -1.0), 0.913242029840543, 1.003204434039084),
     ("hinge", t(0.5, 2.0, -1.0), t(-2.0, 0.5, 0.0), 5.0 / 3.0, 0.5),
     ("wgan-gp", t(1.0, 3.0), t(-1.0, 2.0), -1.5, -0.5),
     ("lsgan", t(2.0, 0.5), t(0.5, -1.0), 0.625, 1.0625),
+    ("rpgan", t(1.0, -1.0), t(0.0, 1.0), 1.2200948, 0.7200948),
 ]
 
 
 @pytest.mark.parametrize("objective,real,fake,d_expected,g_expected", CASES, ids=[c[0] for c in CASES])
 def test_objectives_match_hand_values(objective, real, fake, d_expected, g_expected):
-    d, g = d_loss(objective, real, fake), g_loss(objective, fake)
+    d, g = d_loss(objective, real, fake), g_loss(objective, fake, real)
     assert d.shape == () and g.shape == ()
     assert d.item() == pytest.approx(d_expected, abs=1e-6)
     assert g.item() == pytest.approx(g_expected, abs=1e-6)
@@ -47,7 +51,7 @@ def test_objectives_cover_config_choices():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_low_precision_logits_reduce_in_fp32(objective):
     real, fake = torch.randn(64).bfloat16(), torch.randn(64).bfloat16()
-    d, g = d_loss(objective, real, fake), g_loss(objective, fake)
+    d, g = d_loss(objective, real, fake), g_loss(objective, fake, real)
     assert d.dtype == torch.float32 and g.dtype == torch.float32
     assert d.item() == pytest.approx(d_loss(objective, real.float(), fake.float()).item(), abs=1e-6)
 
@@ -57,6 +61,17 @@ def test_unknown_objective_is_named():
         d_loss("wasserstein", t(0.0), t(0.0))
     with pytest.raises(ValueError, match="wasserstein"):
         g_loss("wasserstein", t(0.0))
+
+
+def test_rpgan_pairs_fakes_with_reals():
+    # Relativistic: shifting both logits by the same amount changes nothing, and G needs reals.
+    real, fake = torch.randn(8), torch.randn(8)
+    assert d_loss("rpgan", real + 5, fake + 5).item() == pytest.approx(d_loss("rpgan", real, fake).item(), abs=1e-5)
+    assert g_loss("rpgan", fake - 3, real - 3).item() == pytest.approx(g_loss("rpgan", fake, real).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="pairs each fake with a real"):
+        g_loss("rpgan", fake)
+    with pytest.raises(ValueError, match="pairs each fake with a real"):
+        g_loss("rpgan", fake, real[:4])
 
 
 def test_losses_backpropagate_to_logits():

@@ -1,0 +1,141 @@
+"""DeepSpeed optimizer state in distgan's checkpoint format (`checkpoint.format.write_optimizer`):
+whole, keyed by parameter name, read back with `torch.load(weights_only=True)`.
+
+Why not DeepSpeed's own checkpoints: `engine.save_checkpoint` writes pickles (`torch.load` of
+them needs `weights_only=False`, i.e. may execute code) that only load at the same world size
+and ZeRO stage; its universal checkpoint converts offline, per parameter, with the same pickles
+inside. Here the state is gathered while saving instead, through DeepSpeed's own parameter ->
+partition map (`param._hp_mapping`, the map behind `deepspeed.utils.safe_get_full_optimizer_state`):
+
+* ZeRO-1/2 and the bf16 optimizer keep each parameter group's fp32 master weights and Adam moments
+  as one flat tensor per rank, a disjoint slice of the group (`lp_fragment_address`: where the
+  slice sits in the parameter, `hp_fragment_address`: where in this rank's flat tensor);
+* saving fills full-size buffers with this rank's slices and sums them over ranks (one
+  all-reduce per state key for all parameters together, not one per parameter);
+* loading copies the slice this rank owns out of the full tensors, for any world size.
+
+`safe_get/set_full_optimizer_state` itself is not used: it only works once the optimizer has
+stepped (its links to the state are made lazily at the first step), and a resume sets the
+state before that. Fp32 ZeRO-0 has no partitions: the torch optimizer holds the module's own
+parameters, and the generic `FullOptimizerState` serves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distgan.backends.base import NETS, FullOptimizerState, load_fp32_params
+from distgan.checkpoint.format import read_optimizer, write_optimizer
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed holds this module's master weights and optimizer state in partitions."""
+    return any(hasattr(p, "_hp_mapping") for p in module.parameters())
+
+
+def _flat(opt: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
+    """This rank's flat fp32 partition of the group `p` belongs to (the torch optimizer's parameter)."""
+    return opt.param_groups[p._hp_mapping.param_group_index]["params"][0]
+
+
+def gather(module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state and fp32 masters of a partitioned module (a collective)."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    sizes = [p.numel() for _, p in named]
+    device = next(module.parameters()).device
+    stepped = any(opt.state.get(g["params"][0]) for g in opt.param_groups)
+    keys = ("param", *MOMENTS) if stepped else ("param",)
+    full = {k: torch.zeros(sum(sizes), dtype=torch.float32, device=device) for k in keys}
+    offset, step = 0, None
+    for (_, p), size in zip(named, sizes):
+        m = getattr(p, "_hp_mapping", None)
+        if m is not None:  # this rank owns a slice of p
+            flat = _flat(opt, p)
+            sources = {"param": flat, **{k: opt.state[flat][k] for k in MOMENTS if stepped}}
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            for k, src in sources.items():
+                full[k].narrow(0, offset + lp.start, lp.numel).copy_(src.narrow(0, hp.start, hp.numel))
+            if stepped:
+                step = opt.state[flat]["step"]
+        offset += size
+    for buffer in full.values():
+        torch.distributed.all_reduce(buffer)  # slices are disjoint: the sum is the whole tensor
+    step = _same_step(step, device) if stepped else None
+    state, fp32, offset = {}, {}, 0
+    for (name, p), size in zip(named, sizes):
+        part = {k: full[k].narrow(0, offset, size).view_as(p).cpu().clone() for k in keys}
+        fp32[name] = part.pop("param")
+        if stepped:
+            state[name] = {"step": step.clone(), **part}
+        offset += size
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [n for n, _ in named]} for g in opt.param_groups[:1]]
+    return {"state": state, "param_groups": groups, "fp32_params": fp32}
+
+
+def _same_step(step: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Adam's step count, the same on every rank (a rank that owns no slice learns it from the others)."""
+    value = torch.tensor([float(step) if step is not None else -1.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return torch.tensor(value.item(), dtype=torch.float32)
+
+
+def scatter(module: nn.Module, opt: torch.optim.Optimizer, zero_opt: Any, saved: dict[str, Any]) -> None:
+    """Set this rank's partitions from a full state (`gather`'s, or any backend's `optim_<net>.pt`)."""
+    fp32 = saved.get("fp32_params") or {}
+    state = saved.get("state", {})
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            m = getattr(p, "_hp_mapping", None)
+            if m is None:
+                continue
+            flat, lp, hp = _flat(opt, p), m.lp_fragment_address, m.hp_fragment_address
+            # The masters: saved ones (a DeepSpeed bf16 run), else the weights the checkpointer loaded.
+            master = fp32[name] if name in fp32 else p.detach().float()
+            flat.narrow(0, hp.start, hp.numel).copy_(master.reshape(-1).narrow(0, lp.start, lp.numel))
+            if name not in state:
+                continue
+            slot = opt.state[flat]
+            for k in MOMENTS:
+                if k not in slot:
+                    slot[k] = torch.zeros_like(flat)
+                slot[k].narrow(0, hp.start, hp.numel).copy_(state[name][k].reshape(-1).narrow(0, lp.start, lp.numel))
+            slot["step"] = torch.as_tensor(state[name]["step"], dtype=torch.float32).clone()
+    for saved_group, group in zip(saved.get("param_groups", []), opt.param_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    # DeepSpeed links each parameter to its slice of the state after the first step; the state
+    # tensors are new, so let it link again.
+    if hasattr(zero_opt, "_hp_optimizer_states_linked"):
+        zero_opt._hp_optimizer_states_linked = False
+
+
+class EngineOptimizerState(FullOptimizerState):
+    """`optim_<net>.pt` for DeepSpeed engines: gathered from ZeRO partitions (or bf16 masters) with
+    `gather`, re-partitioned for this world size with `scatter`."""
+
+    def save(self, folder: Path) -> None:
+        b = self.backend
+        if not partitioned(b.module("G")):
+            return super().save(folder)  # fp32 ZeRO-0: the torch optimizer holds the module's parameters
+        for net in NETS:
+            state = gather(b.module(net), b.optimizer(net))  # a collective
+            if b.is_main:
+                write_optimizer(folder, net, state)
+
+    def load(self, folder: Path) -> None:
+        b = self.backend
+        if not partitioned(b.module("G")):
+            return super().load(folder)
+        for net in NETS:
+            saved = read_optimizer(folder, net)
+            if saved["state"] and all(isinstance(k, int) for k in saved["state"]):
+                raise ValueError(f"{folder}/optim_{net}.pt has positional keys (an old distgan checkpoint): resume it "
+                                 "with the backend that wrote it")
+            # Weights in the module itself too (in its dtype), so that they match the masters.
+            load_fp32_params(b.module(net), saved.get("fp32_params"))
+            scatter(b.module(net), b.optimizer(net), b._engines[net].optimizer, saved)

@@ -1,0 +1,78 @@
+"""R3GAN networks: shapes for every variant, the fix-up initialization, resampling, bf16."""
+
+import pytest
+import torch
+
+from distgan.config import load_config
+from distgan.errors import ConfigError
+from distgan.models import build_models
+from distgan.models.r3gan import Downsample, ResidualBlock, Upsample, stage_widths
+
+
+def models(resolution=16, channels=3, classes=0, *extra):
+    cfg = load_config(None, ["model.arch=r3gan", f"data.resolution={resolution}", f"data.channels={channels}",
+                             "model.g_width=4", "model.d_width=4", "model.z_dim=8", "model.group_size=4",
+                             f"model.conditional={str(classes > 0).lower()}", *extra])
+    torch.manual_seed(0)
+    return build_models(cfg.model, resolution, channels, classes)
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64, 128])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("classes", [0, 5])
+def test_shapes_for_every_variant(resolution, channels, classes):
+    G, D = models(resolution, channels, classes)
+    z = torch.randn(3, 8)
+    labels = torch.tensor([0, 4, 2]) if classes else None
+    images = G(z, labels)
+    assert images.shape == (3, channels, resolution, resolution)
+    logits = D(images, labels)
+    assert logits.shape == (3,) and torch.isfinite(logits).all()
+    assert G.num_classes == D.num_classes == classes and G.z_dim == 8
+
+
+def test_widths_derived_and_explicit():
+    assert stage_widths(32, 16) == [128, 128, 64, 32, 16][1:]  # 4, 8, 16, 32: min(8, R/r) x 16
+    assert stage_widths(64, 8) == [64, 64, 32, 16, 8]
+    G, D = models(32, 3, 0, "model.widths=[12,8,8,4]", "model.blocks_per_stage=1")
+    assert G.basis.shape == (12, 4, 4) and D.from_image.weight.shape[0] == 4
+    with pytest.raises(ConfigError, match="needs 4 widths"):
+        load_config(None, ["model.arch=r3gan", "data.resolution=32", "model.widths=[8,8]"])
+
+
+def test_a_fresh_residual_branch_outputs_zero():
+    block = ResidualBlock(channels=8, expansion=2, group_size=4, total_blocks=6)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(block.branch(x), torch.zeros_like(x))
+    assert torch.equal(block(x), x)  # so a fresh network is a chain of resamplings and 1x1 convs
+    # ... and the other convs start random, with a gain that shrinks as the network deepens.
+    deep = ResidualBlock(channels=8, expansion=2, group_size=4, total_blocks=64)
+    assert block.widen.weight.std() > 1.5 * deep.widen.weight.std()
+    assert block.grouped.groups == 4  # 16 widened channels in groups of 4
+
+
+def test_no_normalization_layers_and_samples_independent():
+    G, D = models(16)
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm))
+                   for m in [*G.modules(), *D.modules()])
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(D(x)[:2], D(x[:2]), atol=1e-5)  # per-sample logits: R1/R2 are per-sample
+
+
+def test_resampling_keeps_constant_images_and_shapes():
+    x = torch.full((2, 3, 8, 8), 0.7)
+    up, down = Upsample(3, 3), Downsample(3, 3)
+    assert up(x).shape == (2, 3, 16, 16) and down(x).shape == (2, 3, 4, 4)
+    # [1,2,1]-filtered: a constant image stays constant away from the zero-padded border.
+    assert torch.allclose(up(x)[..., 2:-2, 2:-2], torch.full((2, 3, 12, 12), 0.7), atol=1e-6)
+    assert torch.allclose(down(x)[..., 1:-1, 1:-1], torch.full((2, 3, 2, 2), 0.7), atol=1e-6)
+
+
+def test_runs_in_bf16_and_under_autocast():
+    G, D = models(16, 3, 5)
+    z, labels = torch.randn(2, 8), torch.tensor([1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(D(G(z, labels), labels).float()).all()
+    G, D = G.to(torch.bfloat16), D.to(torch.bfloat16)
+    out = D(G(z.bfloat16(), labels), labels)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
