@@ -1,7 +1,7 @@
 """Several runs side by side (`distgan report RUN1 RUN2 ...`, e.g. the trials of a sweep).
 
 One PNG overlays their FID curves and their D/G loss curves (x axis kimg, so runs with other
-batch sizes line up); a table ranks them by best FID (runs without one last) and shows the config
+batch sizes line up, or the minutes of training they logged, to compare recipes by cost); a table ranks them by best FID (runs without one last) and shows the config
 keys on which they differ. Everything comes from the run folders (`metrics.jsonl`, `config.yaml`).
 """
 
@@ -69,7 +69,7 @@ def differing_keys(summaries: list[RunSummary]) -> list[str]:
     return [k for k in keys if len({repr(s.config.get(k)) for s in summaries}) > 1]
 
 
-def compare(runs: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+def compare(runs: list[str | Path], out: str | Path | None = None, x: str = "kimg") -> dict[str, Any]:
     """Summaries ranked, the differing keys and the PNG (default: compare.png in the runs' common
     folder). Returns what `--json` prints."""
     if len(runs) < 2:
@@ -77,7 +77,7 @@ def compare(runs: list[str | Path], out: str | Path | None = None) -> dict[str, 
     ranked = rank([summarize(r) for r in runs])
     keys = differing_keys(ranked)
     out = Path(out) if out else Path(os.path.commonpath([str(Path(r).resolve()) for r in runs])) / "compare.png"
-    draw(ranked, out)
+    draw(ranked, out, x)
     return {"png": str(out), "differing_keys": keys, "runs": [
         {"rank": i + 1, "run": str(s.run), "best_fid": s.best_fid, "best_fid_kimg": s.best_kimg, "steps": s.steps,
          "kimg": s.kimg, "final": s.final, "config": {k: s.config.get(k) for k in keys}}
@@ -104,8 +104,13 @@ def _num(value: Any) -> str:
     return str(value)
 
 
-def draw(ranked: list[RunSummary], out: Path) -> Path:
-    """FID (left) and D/G losses (right, G dashed) of every run against kimg, one colour per run."""
+X_AXES = {"kimg": "kimg", "minutes": "minutes of training (evaluations excluded)"}
+"""Horizontal axes of the comparison: images shown to D, or the training time the runs logged."""
+
+
+def draw(ranked: list[RunSummary], out: Path, x: str = "kimg") -> Path:
+    """FID (left) and D/G losses (right, G dashed) of every run against `x` (see X_AXES), one
+    colour per run."""
     matplotlib = require("matplotlib", "distgan report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,17 +118,17 @@ def draw(ranked: list[RunSummary], out: Path) -> Path:
     fig, (ax_fid, ax_loss) = plt.subplots(1, 2, figsize=(14, 5.5))
     for i, s in enumerate(ranked):
         colour, label = f"C{i % 10}", f"#{i + 1} {s.run.name}"
-        kimg, fid = series(s.rows, "eval/fid", x="kimg")
+        xs, fid = series(s.rows, "eval/fid", x=x)
         if fid:
-            ax_fid.plot(kimg, fid, marker="o", color=colour, label=label)
+            ax_fid.plot(xs, fid, marker="o", color=colour, label=label)
         for key, style in zip(LOSSES, ("-", "--")):
-            x, y = series(s.rows, key, x="kimg")
+            xs, y = series(s.rows, key, x=x)
             if y:
-                ax_loss.plot(x, y, style, color=colour, label=f"{label} {key.split('/')[0]}", alpha=0.85)
+                ax_loss.plot(xs, y, style, color=colour, label=f"{label} {key.split('/')[0]}", alpha=0.85)
     for ax, title, ylabel in ((ax_fid, "FID of the EMA generator (lower is better)", "FID"),
                               (ax_loss, "Losses (D solid, G dashed)", "loss")):
         ax.set_title(title)
-        ax.set_xlabel("kimg")
+        ax.set_xlabel(X_AXES[x])
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize="small")

@@ -6,6 +6,7 @@ matplotlib is imported only when drawing, with the Agg backend (no display neede
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,35 @@ def clean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+EVALS_FILE = "evals.jsonl"
+"""Evaluations of a run's checkpoints made after training (`distgan eval --log`), one JSON row each."""
+
+
 def load_rows(run: Path) -> list[dict[str, Any]]:
+    """The run's metrics rows, with the rows of later evaluations (`evals.jsonl`) merged in by step."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{run} has no metrics.jsonl: is it a distgan run folder (train.run_dir)?")
-    return clean_rows(read_metrics(run))
+    rows = clean_rows(read_metrics(run))
+    evals = run / EVALS_FILE
+    if evals.is_file():
+        extra = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()]
+        rows = sorted(rows + extra, key=lambda r: r.get("step", 0))  # stable: training rows of a step first
+    return rows
+
+
+def log_evaluation(run: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Append a checkpoint's scores to `run`/evals.jsonl as a row the reports draw: eval/<score>,
+    its step and kimg, and the training minutes the run had logged by then (if it logs them)."""
+    step = int(result["step"])
+    trained = [r for r in clean_rows(read_metrics(run)) if r.get("step", 0) <= step and "minutes" in r]
+    row: dict[str, Any] = {"step": step, "kimg": result.get("kimg")}
+    if trained:
+        row["minutes"] = trained[-1]["minutes"]
+    row.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k not in ("step", "kimg")})
+    with open(run / EVALS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:

@@ -310,11 +310,13 @@ class Trainer:
     def _run_phase(self, phase: Phase, batches: list, measure: bool) -> None:
         h = self.backend.phase_handle(phase)
         scale, last = 1.0 / len(batches), len(batches) - 1
+        micro = []  # every micro-batch's statistics: the logged means cover the whole batch
         with h:
             for i, (real, labels) in enumerate(batches):
                 with h.micro_batch(last=i == last):
-                    stats = self.objective.accumulate_gradients(phase, h, real, labels, scale)
-            if self._skip_nonfinite and self._nonfinite_on_any_rank(stats["loss"]):
+                    micro.append(self.objective.accumulate_gradients(phase, h, real, labels, scale))
+            loss = micro[0]["loss"] if len(micro) == 1 else torch.stack([m["loss"] for m in micro]).sum()
+            if self._skip_nonfinite and self._nonfinite_on_any_rank(loss):
                 # Every rank skips together (the flag was all-reduced), so weights stay identical.
                 h.discard()
                 self.meter.add("train", {"nonfinite_skips": torch.ones((), device=self.backend.device)})
@@ -322,8 +324,9 @@ class Trainer:
                             self.state.step + 1)
                 return
             report = h.step(measure)
-        self.meter.add(phase.name, stats)
-        self.meter.add_loss(self.state.step, phase.name, stats["loss"])
+        for stats in micro:
+            self.meter.add(phase.name, stats)
+        self.meter.add_loss(self.state.step, phase.name, loss)
         if report.grad_norm is not None and measure:
             self.meter.add(phase.net, {"grad_norm": report.grad_norm})
         self._fp16_skips += report.skipped
@@ -400,6 +403,7 @@ class Trainer:
         A collective (every rank calls it). Returns the seconds it took."""
         start, st = time.perf_counter(), self.state
         row = self.evaluator.run(self.ema.module, st.nimg)
+        row["minutes"] = (self.train_seconds + start - self._window[0]) / 60  # training time so far
         self.tracker.log(st.step, row)
         # Every rank offers the same (all-reduced) FID to its BestRecord, so all agree on whether
         # the collective save below happens.

@@ -91,3 +91,29 @@ def test_report_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distgan", "report", str(tmp_path / "samples-only")],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "does not exist" in bad.stderr  # click checks the folder
+
+
+def test_later_evaluations_are_merged_and_compared_by_minutes(tmp_path):
+    """`distgan eval --log` rows (evals.jsonl) join the training rows by step; the comparison can
+    put training minutes on its x axis."""
+    import json
+
+    from distgan.compare import compare
+    from distgan.report import load_rows, log_evaluation
+
+    runs = []
+    for name, speed in (("fast", 1.0), ("slow", 3.0)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "kimg": s / 10, "minutes": s * speed, "Dmain/loss": 1.0, "Gmain/loss": 1.0} for s in (10, 20, 30)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for step, fid in ((20, 90.0 * speed), (10, 120.0 * speed)):  # evaluated out of order
+            row = log_evaluation(run, {"step": step, "kimg": step / 10, "fid": fid, "kid": 0.1, "ckpt": "x"})
+            assert row["minutes"] == step * speed and "eval/ckpt" not in row
+        merged = load_rows(run)
+        assert [r["step"] for r in merged] == [10, 10, 20, 20, 30]
+        assert [r["eval/fid"] for r in merged if "eval/fid" in r] == [120.0 * speed, 90.0 * speed]
+        runs.append(run)
+    result = compare(runs, tmp_path / "by-minutes.png", x="minutes")
+    assert [r["best_fid"] for r in result["runs"]] == [90.0, 270.0]
+    assert (tmp_path / "by-minutes.png").stat().st_size > 0
