@@ -79,6 +79,13 @@ HOW: dict[str, tuple[str, str]] = {
     "wandb sync": (SKIP, "needs a W&B account and network; tests/integration/test_wandb.py reads the offline files back"),
     "distgan eval --ckpt runs/default": (RUN, ""),
     "distgan report runs/default": (RUN, ""),
+    # README.md, Quality: the r3gan recipe's widths are per stage, so a 16 px run gets three.
+    "distgan train --config configs/r3gan-twemoji-32.yaml": (RUN, f"{TINY} model.widths=[8,8,8]"),
+    "distgan eval --ckpt runs/r3gan-twemoji-32 --n 2000 --log": (RUN, ""),
+    "distgan report runs/default runs/r3gan-twemoji-32 --x minutes": (RUN, ""),
+    "distgan eval": (MENTION, NOT_A_COMMAND),
+    "distgan eval --n 2000": (MENTION, NOT_A_COMMAND),
+    "distgan report": (MENTION, NOT_A_COMMAND),
     "distgan bench loop": (RUN, BENCH),
     "distgan bench data": (RUN, BENCH),
     "distgan bench throughput": (RUN, BENCH),
