@@ -45,7 +45,11 @@ from distgan.errors import DistganError
 from distgan.global_batch import apply_global_batch
 from distgan.run import run
 from distgan.trainer import EXIT_PREEMPTED, TrainerHooks
-from tests.helpers.linear_steps import run_options
+
+# Run as a script (by a launcher or tests/helpers/ranks.py), its folder is on sys.path, not the
+# repository: make `tests.helpers` importable whatever PYTHONPATH the caller set.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.linear_steps import run_options  # noqa: E402
 
 # ---------------------------------------------------------------------------- indexed data/noise
 
