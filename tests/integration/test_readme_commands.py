@@ -206,7 +206,7 @@ def workspace(tmp_path_factory) -> Path:
     for name in ("distgan", "configs", "launch", "slurm"):
         (root / name).symlink_to(REPO / name)
     home = root / "home"
-    make_image_folder(home / "photos", n_per_class=4, size=32)
+    make_image_folder(home / "photos", n_per_class=20, size=32)  # 40 images: more than one default batch (32)
     images = make_image_folder(root / "images", n_per_class=64, size=16)
     write_shards(str(images), root / "s3-or-local", resolution=16, channels=3, crop="none", shard_size=1, workers=1,
                  progress=False)
