@@ -72,7 +72,7 @@ HOW: dict[str, tuple[str, str]] = {
     "distgan --debug train ...": (MAPPED, "a placeholder (...); tests/integration/test_cli_errors.py::test_debug_shows_the_traceback"),
     'python:\nimport distgan\nrun_dir = distgan.train(overrides={"train.steps": 500})': (PY, TINY),
     "distgan shards ~/photos data/photos --resolution 64 --shard-size 2000": (RUN, ""),
-    "distgan train data.source=data/photos data.resolution=64": (RUN, TINY_KEEP_RES),
+    "distgan train data.source=data/photos data.resolution=64 train.name=photos": (RUN, TINY_KEEP_RES),
     "distgan train data.source='s3-or-local/train-{000000..000127}.tar'": (RUN, TINY),
     "sbatch slurm/train.sh": (MAPPED, f"needs SLURM: {SLURM_2NODES} submits slurm/train.sh to the loopback cluster"),
     "distgan sample --ckpt runs/default --n 64 --out grid.png": (RUN, ""),
