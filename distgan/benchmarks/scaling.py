@@ -77,9 +77,10 @@ class ScalingProbe(TrainerHooks):
     def fit_end(self, trainer: Trainer, status: str) -> None:
         b, cfg = trainer.backend, trainer.cfg
         timed = self.stamps[self.warmup:]  # each interval between two starts is one whole step
-        images = (len(timed) - 1) * cfg.optim.d_steps * cfg.data.batch_size * cfg.optim.accumulate * b.world_size
+        images = max(len(timed) - 1, 0) * cfg.optim.d_steps * cfg.data.batch_size * cfg.optim.accumulate * b.world_size
+        seconds = timed[-1] - timed[0] if len(timed) > 1 else 0.0  # a run too short to time (e.g. train.steps=2)
         row = {"rank": b.rank, "world_size": b.world_size, "backend": cfg.dist.backend, "zero_stage": cfg.dist.zero_stage,
-               "img_per_s": images / (timed[-1] - timed[0]), "optimizer_bytes": optimizer_state_bytes(b)}
+               "img_per_s": images / seconds if seconds > 0 else 0.0, "optimizer_bytes": optimizer_state_bytes(b)}
         (self.out / f"rank-{b.rank}.json").write_text(json.dumps(row))
 
 
