@@ -73,7 +73,7 @@ def test_sweep_array_on_two_nodes_with_one_task_preempted(slurm_cluster, tiny_sh
         run_dir = folder / f"trial-{i:03d}"
         assert (run_dir / "DONE").read_text().strip() == str(STEPS), logs[i]
         info = read_checkpoint(run_dir)
-        assert (info.step, info.world_size, info.nimg) == (STEPS, 1, STEPS * 2 * 4)
+        assert (info.step, info.world_size, info.nimg) == (STEPS, 1, STEPS * 1 * 4)  # d_steps 1 (default recipe) x batch 4
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert (cfg["optim"]["g_lr"], cfg["optim"]["d_lr"], cfg["logging"]["group"]) == (g_lr, d_lr, "lr")
         assert cfg["train"]["name"] == f"lr-{i:03d}"

@@ -69,7 +69,7 @@ def check_final(run_dir: Path, steps: int) -> None:
     assert latest_step(run_dir) == steps and verify(final) is None
     state = read_checkpoint(final)
     # 2 ranks x batch 4 x 2 D steps per G step: no step counted twice or lost across a resume.
-    assert (state.step, state.world_size, state.nimg) == (steps, 2, steps * 2 * 4 * 2)
+    assert (state.step, state.world_size, state.nimg) == (steps, 2, steps * 1 * 4 * 2)  # d_steps 1 (default recipe) x batch 4 x 2 ranks
     ranks = [json.loads((final / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
     assert sorted(r["host"]["slurm_node"] for r in ranks) == ["n1", "n2"]
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # DDP kept the ranks identical
