@@ -108,14 +108,21 @@ X_AXES = {"kimg": "kimg", "minutes": "minutes of training (evaluations excluded)
 """Horizontal axes of the comparison: images shown to D, or the training time the runs logged."""
 
 
+OVERFITTING = ("Dmain/D_real_sign", "ada/p")
+"""The third panel, when the runs logged them: r_t = E[sign D(real)], D's overfitting signal, and
+ADA's augmentation probability p."""
+
+
 def draw(ranked: list[RunSummary], out: Path, x: str = "kimg") -> Path:
-    """FID (left) and D/G losses (right, G dashed) of every run against `x` (see X_AXES), one
-    colour per run."""
+    """FID (left) and D/G losses (middle, G dashed) of every run against `x` (see X_AXES), one
+    colour per run; then r_t (solid) and ADA's p (dashed) when logged."""
     matplotlib = require("matplotlib", "distgan report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fid, ax_loss) = plt.subplots(1, 2, figsize=(14, 5.5))
+    overfitting = any(series(s.rows, OVERFITTING[0])[0] for s in ranked)
+    fig, axes = plt.subplots(1, 3 if overfitting else 2, figsize=(21 if overfitting else 14, 5.5))
+    ax_fid, ax_loss = axes[0], axes[1]
     for i, s in enumerate(ranked):
         colour, label = f"C{i % 10}", f"#{i + 1} {s.run.name}"
         xs, fid = series(s.rows, "eval/fid", x=x)
@@ -125,6 +132,16 @@ def draw(ranked: list[RunSummary], out: Path, x: str = "kimg") -> Path:
             xs, y = series(s.rows, key, x=x)
             if y:
                 ax_loss.plot(xs, y, style, color=colour, label=f"{label} {key.split('/')[0]}", alpha=0.85)
+        for key, style in zip(OVERFITTING, ("-", "--")) if overfitting else ():
+            xs, y = series(s.rows, key, x=x)
+            if y:
+                axes[2].plot(xs, y, style, color=colour, label=f"{label} {'r_t' if style == '-' else 'ADA p'}")
+    if overfitting:
+        axes[2].axhline(0.6, color="gray", linewidth=0.8, linestyle=":")  # ADA's usual target
+        axes[2].set_title("Overfitting r_t = E[sign D(real)] (solid), ADA p (dashed)")
+        axes[2].set_xlabel(X_AXES[x])
+        axes[2].legend(loc="best", fontsize="small")
+        axes[2].grid(alpha=0.3)
     for ax, title, ylabel in ((ax_fid, "FID of the EMA generator (lower is better)", "FID"),
                               (ax_loss, "Losses (D solid, G dashed)", "loss")):
         ax.set_title(title)

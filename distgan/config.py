@@ -63,7 +63,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "dcgan"
-    """Architecture from the model registry: `dcgan`, `resnet` or `r3gan`."""
+    """Architecture from the model registry: `dcgan`, `resnet`, `r3gan` or `stylegan2`."""
     z_dim: int = setting(128, at_least=1)
     """Latent dimension of the generator input."""
     g_width: int = setting(64, at_least=1)
@@ -76,7 +76,7 @@ class ModelConfig:
     """Generator normalization: `batch` (classic) or `none` (batch-size independent, for exact
     gradient-averaging checks across process counts)."""
     widths: list[int] = field(default_factory=list)
-    """r3gan: channels per stage from 4x4 up to the output resolution (D uses them reversed);
+    """r3gan, stylegan2: channels per stage from 4x4 up to the output resolution (D uses them reversed);
     empty: `g_width`/`d_width` x min(8, resolution / stage resolution)."""
     blocks_per_stage: int = setting(2, at_least=1)
     """r3gan: residual blocks per resolution stage."""
@@ -84,6 +84,25 @@ class ModelConfig:
     """r3gan: channel expansion inside a residual block (inverted bottleneck)."""
     group_size: int = setting(16, at_least=1)
     """r3gan: channels per group of the grouped 3x3 conv (cardinality = widened channels / this)."""
+    w_dim: int = setting(0, at_least=0)
+    """stylegan2: width of the intermediate latent w (0: same as z_dim)."""
+    mapping_layers: int = setting(8, at_least=1)
+    """stylegan2: FC layers of the mapping network z -> w (also of D's class-embedding map)."""
+    style_mixing_prob: float = setting(0.0, at_least=0, at_most=1)
+    """stylegan2: probability per training batch of mixing two latents' styles at a random layer
+    (StyleGAN2: 0.9)."""
+    mbstd_group: int = setting(4, at_least=1)
+    """stylegan2: group size of D's minibatch standard deviation layer (lowered to a divisor of the
+    batch when it does not divide it)."""
+    lowp_stages: int = setting(0, at_least=0)
+    """stylegan2: under bf16/fp16 autocast, run only this many highest-resolution blocks of G and D
+    in low precision and the rest in fp32 (StyleGAN2-ADA: 4); 0: every block follows autocast."""
+    conv_clamp: float = setting(0.0, at_least=0)
+    """stylegan2: clamp conv activations to +-this (StyleGAN2-ADA: 256 with low precision); 0: no
+    clamp."""
+    noise_mode: str = setting("random", choices=("random", "const", "none"))
+    """stylegan2: G's per-pixel noise: `random` (trained this way), `const` (fixed noise images: the same
+    latent gives the same image; tests use it) or `none`."""
     freeze_d: int = setting(0, at_least=0)
     """FreezeD: keep D's first K blocks (input side; each arch declares its blocks in the model
     registry) fixed while fine-tuning; needs `train.init_from` with D weights."""
@@ -115,7 +134,26 @@ class LossConfig:
     """Augmentation pipeline before D: `bgc` (StyleGAN2-ADA's blit + geometric + color ops, each
     applied with probability `augment_p`) or empty for none. Can be combined with DiffAugment."""
     augment_p: Scheduled = setting(Scheduled(0.0), at_least=0, at_most=1)
-    """Probability of each `bgc` op (a number or a schedule; R3GAN ramps it up)."""
+    """Probability of each `bgc` op (a number or a schedule; R3GAN ramps it up). Under ADA, the
+    starting value of the adaptive p (then a number)."""
+    ada_target: float = setting(0.0, at_least=0, less_than=1)
+    """ADA (StyleGAN2-ADA): adapt the `bgc` probability so that r_t = E[sign D(real)] stays at this
+    target (the paper: 0.6); 0 turns ADA off. Needs `augment: bgc`."""
+    ada_kimg: float = setting(500.0, greater_than=0)
+    """ADA speed: p can move from 0 to 1 in this many thousand images."""
+    ada_interval: int = setting(4, at_least=1)
+    """ADA adjusts p every this many D steps, from the signs of D(real) since the last adjustment."""
+    augment_p_max: float = setting(1.0, at_least=0, at_most=1)
+    """Upper bound of ADA's p (it is always clamped at 0 below)."""
+    pl_weight: float = setting(0.0, at_least=0)
+    """Path-length regularization weight (StyleGAN2: 2); 0 turns it off. Needs a generator with a
+    mapping network (`model.arch: stylegan2`); runs as a lazy G phase `Greg`."""
+    pl_interval: int = setting(4, at_least=1)
+    """Run the path-length phase every this many G steps (weighted by it; G's Adam corrected)."""
+    pl_batch_shrink: int = setting(2, at_least=1)
+    """The path-length phase uses batch_size / this latents (StyleGAN2: 2)."""
+    pl_decay: float = setting(0.01, greater_than=0, at_most=1)
+    """Update rate of the running mean `a` of path lengths that the penalty pulls towards."""
 
     def r2(self) -> Scheduled:
         """`r2_gamma`, or its default when unset: `r1_gamma` under rpgan, else 0."""
@@ -126,6 +164,11 @@ class LossConfig:
     def penalties(self) -> tuple[str, ...]:
         """The zero-centered gradient penalties that are on: "r1" (reals), "r2" (fakes)."""
         return tuple(name for name, gamma in (("r1", self.r1_gamma), ("r2", self.r2())) if gamma.nonzero())
+
+    @property
+    def ada(self) -> bool:
+        """Adaptive augmentation is on."""
+        return self.ada_target > 0
 
 
 @dataclass
@@ -382,6 +425,15 @@ def validate(cfg: Config) -> None:
                           f"(4x4 up to {cfg.data.resolution}x{cfg.data.resolution}), so it needs {stages} widths.")
     if any(w < 1 for w in cfg.model.widths):
         raise ConfigError(f"model.widths={cfg.model.widths}: every width must be at least 1.")
+    loss = cfg.loss
+    if loss.ada and loss.augment != "bgc":
+        raise ConfigError(f"loss.ada_target={loss.ada_target}: ADA adapts the probability of the `bgc` augmentations; "
+                          "set loss.augment=bgc (or loss.ada_target=0 to turn ADA off).")
+    if loss.ada and not loss.augment_p.constant:
+        raise ConfigError("loss.augment_p is a schedule, but ADA (loss.ada_target > 0) sets p itself: give augment_p "
+                          "as one number (ADA's starting p) or set loss.ada_target=0.")
+    if loss.ada and loss.augment_p.at(0) > loss.augment_p_max:
+        raise ConfigError(f"loss.augment_p={loss.augment_p.at(0)} is above loss.augment_p_max={loss.augment_p_max}.")
     if cfg.loss.diffaugment:
         for p in cfg.loss.diffaugment.split(","):
             if p.strip() not in POLICIES:
@@ -392,7 +444,7 @@ def frozen_keys() -> tuple[str, ...]:
     """Keys that define networks or optimizers: they may not change when a run resumes."""
     return ("data.resolution", "data.channels", "model.arch", "model.z_dim", "model.g_width", "model.d_width",
             "model.conditional", "model.widths", "model.blocks_per_stage", "model.expansion", "model.group_size", "loss.objective", "optim.g_lr", "optim.d_lr", "optim.g_betas", "optim.d_betas",
-            "loss.r1_interval", "optim.d_steps", "model.freeze_d")
+            "loss.r1_interval", "loss.pl_interval", "optim.d_steps", "model.freeze_d", "model.w_dim", "model.mapping_layers")
 
 
 __all__ = ["Config", "ConfigError", "Rule", "load_config", "describe", "parse_override", "frozen_keys", "field_docs",

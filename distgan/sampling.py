@@ -60,12 +60,23 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> Im
 
 
 @torch.no_grad()
-def generate(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None, batch_size: int = 64) -> torch.Tensor:
-    """Run G in eval mode over z in chunks (restores its train/eval mode afterwards)."""
+def generate(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None, batch_size: int = 64,
+             truncation_psi: float = 1.0) -> torch.Tensor:
+    """Run G in eval mode over z in chunks (restores its train/eval mode afterwards).
+
+    `truncation_psi` < 1 pulls each latent's w towards the average w (the truncation trick), for
+    generators with a mapping network (`stylegan2`)."""
+    kwargs = {}
+    if truncation_psi != 1.0:
+        if not getattr(G, "w_dim", 0):
+            raise DistganError(f"truncation psi={truncation_psi} needs a generator with a mapping network "
+                               f"(model.arch=stylegan2); this one ({type(G).__name__}) has none. Leave it at 1.")
+        kwargs["truncation_psi"] = truncation_psi
     was_training = G.training
     G.eval()
     try:
-        out = [G(z[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(z), batch_size)]
+        out = [G(z[i:i + batch_size], None if c is None else c[i:i + batch_size], **kwargs)
+               for i in range(0, len(z), batch_size)]
     finally:
         G.train(was_training)
     return torch.cat(out)
@@ -91,7 +102,7 @@ def load_generator(ckpt: str | Path, raw: bool = False,
 
 
 def sample_to(ckpt: str | Path, n: int, out: str | Path, seed: int = 0, class_index: int | None = None,
-              raw: bool = False, device: str | None = None) -> Path:
+              raw: bool = False, device: str | None = None, truncation_psi: float = 1.0) -> Path:
     """A grid PNG when `out` ends in .png, else a folder of N PNGs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     G, _, _ = load_generator(ckpt, raw=raw, device=device)
@@ -103,7 +114,7 @@ def sample_to(ckpt: str | Path, n: int, out: str | Path, seed: int = 0, class_in
             raise DistganError(f"--class {class_index} is out of range: the model has {G.num_classes} classes "
                                f"(0..{G.num_classes - 1})")
         c = torch.full((n,), class_index, dtype=torch.long, device=device)
-    images = generate(G, z, c)
+    images = generate(G, z, c, truncation_psi=truncation_psi)
     out = Path(out)
     if out.suffix.lower() == ".png":
         # One row per class (as in training grids) unless a single class was asked for.

@@ -27,7 +27,8 @@ from distgan.checkpoint import (BestRecord, Checkpointer, RngStreams, RunFacts, 
                                 isolated_rng, read_checkpoint, resolve_checkpoint)
 from distgan.config import Config
 from distgan.data.prefetch import DataStream, Prefetcher
-from distgan.errors import NonFiniteLossError
+from distgan.errors import ConfigError, NonFiniteLossError
+from distgan.gan.ada import AdaptiveAugment
 from distgan.gan.ema import EMA
 from distgan.gan.hyperparams import Hyperparameters
 from distgan.gan.objective import GANObjective, NoiseSource
@@ -123,11 +124,19 @@ class Trainer:
         initial = self.hyper.at(0)
         self.ema = EMA(G, initial["ema_halflife_kimg"], cfg.optim.ema_rampup or None)  # 0: no ramp-up
         self.ema.module.to(backend.device)
+        if cfg.loss.pl_weight > 0 and not getattr(G, "w_dim", 0):
+            raise ConfigError(f"loss.pl_weight={cfg.loss.pl_weight}: path-length regularization needs a generator with a "
+                              f"mapping network (model.arch=stylegan2); model.arch={cfg.model.arch} has none. "
+                              "Set loss.pl_weight=0.")
         backend.setup(G, D, {net: self.hyper.adam(initial, net) for net in ("G", "D")})
-        self.objective = GANObjective(cfg.loss, G.z_dim, self.num_classes, cfg.data.batch_size, backend.device, noise)
         self.accumulate = cfg.optim.accumulate
         self.images_per_step = cfg.data.batch_size * self.accumulate * backend.world_size
         """Real images of one D step over all ranks (each `fresh` phase draws this many)."""
+        loss = cfg.loss
+        self.ada = AdaptiveAugment(backend, loss.augment_p.at(0), loss.ada_target, loss.ada_kimg, loss.ada_interval,
+                                   loss.augment_p_max, self.images_per_step) if loss.ada else None
+        self.objective = GANObjective(loss, G.z_dim, self.num_classes, cfg.data.batch_size, backend.device, noise,
+                                      ada=self.ada)
         self._no_real = [(None, None)] * self.accumulate
         self._skip_nonfinite = cfg.train.on_nonfinite == "skip"
 
@@ -143,8 +152,11 @@ class Trainer:
                 ("G", backend.module("G"), Scope.WEIGHTS), ("D", backend.module("D"), Scope.WEIGHTS),
                 ("G_ema", self.ema.module, Scope.WEIGHTS), ("optimizers", backend.optimizer_state, Scope.COLLECTIVE),
                 ("train", self.state, Scope.SHARED), ("run", self.facts, Scope.SHARED), ("best", self.best, Scope.SHARED),
-                ("backend", backend, Scope.SHARED), ("data", self.data, Scope.PER_RANK), ("rng", self.rng, Scope.PER_RANK)):
+                ("backend", backend, Scope.SHARED), ("objective", self.objective, Scope.SHARED),
+                ("data", self.data, Scope.PER_RANK), ("rng", self.rng, Scope.PER_RANK)):
             self.checkpointer.register(name, obj, scope)
+        if self.ada is not None:
+            self.checkpointer.register("ada", self.ada, Scope.PER_RANK)
 
         self.meter = StatMeter()
         # Host arithmetic on the rows the main process logs: no collective, other ranks skip it.
@@ -284,6 +296,8 @@ class Trainer:
                 st.nimg += self.images_per_step
                 st.d_step += 1
             self._run_phase(phase, self._no_real if phase.real == REAL_NONE else batches, measure)
+            if self.ada is not None and phase.real == REAL_FRESH:
+                self.ada.d_step_done(st.d_step)
         # BatchNorm running stats drift apart per rank; rank 0's win before the EMA copies them.
         self.backend.broadcast_buffers("G")
         self.ema.update(self.backend.module("G"), self.images_per_step, st.nimg)
@@ -365,6 +379,8 @@ class Trainer:
             "data/skipped": float(self.stream.stats().get("skipped", 0)),
             **self.hyper.logged(self.hyper.at(st.nimg)),
         })
+        if self.ada is not None:  # the current p and the r_t it answered (a host sync, on log steps only)
+            row.update({key: float(value) for key, value in self.ada.logged().items()})
         if b.mixed_precision == "fp16":
             row["train/fp16_skipped_steps"] = float(self._fp16_skips)  # loss-scale overflows in this window
             self._fp16_skips = 0

@@ -35,7 +35,7 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
     d = cfg.dist
     cuda = not use_cpu() if cuda is None else cuda
     precision = resolve_precision(cfg)
-    double_backward = bool(cfg.loss.penalties()) or cfg.loss.objective == "wgan-gp"
+    double_backward = bool(cfg.loss.penalties()) or cfg.loss.objective == "wgan-gp" or cfg.loss.pl_weight > 0
     if precision == "fp16" and not cuda:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU (no fp16 loss scaling on CPU); "
                           "use dist.mixed_precision=bf16 or no.")
@@ -70,8 +70,8 @@ def check_combination(cfg: Config, cuda: bool | None = None) -> None:
             raise ConfigError("dist.fsdp=true with fp16 is not supported (no sharded grad scaler here); use "
                               "dist.mixed_precision=bf16.")
         if double_backward:
-            raise ConfigError("FSDP does not support the double backward of R1/R2 / WGAN-GP (loss.r1_gamma>0, loss.r2_gamma>0 or "
-                              "loss.objective=wgan-gp): use DDP (dist.fsdp=false) or dist.backend=deepspeed dist.zero_stage=2.")
+            raise ConfigError("FSDP does not support the double backward of R1/R2 / WGAN-GP / path length (loss.r1_gamma>0, "
+                              "loss.r2_gamma>0, loss.objective=wgan-gp or loss.pl_weight>0): use DDP (dist.fsdp=false) or dist.backend=deepspeed dist.zero_stage=2.")
         if d.compile:
             raise ConfigError("dist.compile=true with dist.fsdp=true is not supported; drop one of them.")
 

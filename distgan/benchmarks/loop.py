@@ -22,8 +22,8 @@ from distgan.schedules import Scheduled
 
 class PlainLoop:
     """The same GAN step written by hand in plain PyTorch: the logistic or relativistic (R3GAN)
-    loss, R1/R2 in the D step or lazily, DiffAugment and/or the bgc pipeline at its initial p,
-    and the EMA."""
+    loss, R1/R2 in the D step or lazily, StyleGAN2's lazy path-length step, DiffAugment and/or the
+    bgc pipeline (at its initial p, or adapted by ADA), and the EMA."""
 
     def __init__(self, cfg: Config, batches: list):
         torch.manual_seed(cfg.train.seed)
@@ -32,12 +32,39 @@ class PlainLoop:
         betas = lambda pair: tuple(b.at(0) for b in pair)  # noqa: E731
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.g_lr.at(0), betas=betas(cfg.optim.g_betas))
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.d_lr.at(0), betas=betas(cfg.optim.d_betas))
-        policy, pipe = cfg.loss.diffaugment, AugmentPipe(cfg.loss.augment_p.at(0)) if cfg.loss.augment else None
+        loss = cfg.loss
+        # ADA: p is a device tensor, moved every `ada_interval` D steps by the sign of r_t - target.
+        self.p = torch.tensor(loss.augment_p.at(0)) if loss.ada else None
+        self.signs, self.ada_step = torch.zeros(2), cfg.data.batch_size * loss.ada_interval / (loss.ada_kimg * 1000)
+        p0 = self.p if loss.ada else loss.augment_p.at(0)
+        policy, pipe = cfg.loss.diffaugment, AugmentPipe(p0) if cfg.loss.augment else None
         self.augment = lambda x: diff_augment(pipe(x) if pipe else x, policy) if policy else (pipe(x) if pipe else x)
         self.relativistic = cfg.loss.objective == "rpgan"
         self.gammas = (cfg.loss.r1_gamma.at(0), cfg.loss.r2().at(0))
         self.lazy = cfg.loss.r1_interval if cfg.loss.r1_interval > 1 else 0
         self.batches, self.n, self.d_steps, self.i = batches, cfg.data.batch_size, cfg.optim.d_steps, 0
+        self.loss, self.g_step, self.pl_mean = loss, 0, torch.zeros(())
+
+    def _adapt(self, real_logits: torch.Tensor) -> None:
+        """ADA by hand: count the signs of D(real), adjust p every `ada_interval` D steps."""
+        self.signs += torch.stack([real_logits.detach().sign().sum(), torch.tensor(float(real_logits.numel()))])
+        if self.i % self.loss.ada_interval == 0:
+            rt = self.signs[0] / self.signs[1]
+            self.p.add_(torch.sign(rt - self.loss.ada_target) * self.ada_step).clamp_(0.0, self.loss.augment_p_max)
+            self.signs.zero_()
+
+    def _path_length_step(self) -> None:
+        """StyleGAN2's lazy path-length regularization step of G, by hand."""
+        G, loss = self.G, self.loss
+        images, ws = G(torch.randn(max(1, self.n // loss.pl_batch_shrink), G.z_dim), return_ws=True)
+        y = torch.randn_like(images) / (images.shape[2] * images.shape[3]) ** 0.5
+        (grads,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
+        lengths = grads.square().sum(2).mean(1).sqrt()
+        self.pl_mean.lerp_(lengths.mean().detach(), loss.pl_decay)
+        penalty = (lengths - self.pl_mean).square().mean() * loss.pl_weight * loss.pl_interval
+        self.opt_G.zero_grad(set_to_none=True)
+        (penalty + images.sum() * 0).backward()
+        self.opt_G.step()
 
     def _penalties(self, real, fake) -> torch.Tensor:
         """gamma/2 E||grad D||^2 on reals (R1) and fakes (R2), from one double backward."""
@@ -64,6 +91,8 @@ class PlainLoop:
             else:
                 penalty, logits = 0.0, D(augment(torch.cat([real, fake])))
             r, f = logits[:n], logits[n:]
+            if self.p is not None:
+                self._adapt(r)
             adv = F.softplus(f - r).mean() if self.relativistic else F.softplus(-r).mean() + F.softplus(f).mean()
             self.opt_D.zero_grad(set_to_none=True)
             (adv + penalty).backward()
@@ -86,6 +115,9 @@ class PlainLoop:
         loss.backward()
         self.opt_G.step()
         D.requires_grad_(True)
+        if self.loss.pl_weight > 0 and self.g_step % self.loss.pl_interval == 0:
+            self._path_length_step()
+        self.g_step += 1
         with torch.no_grad():
             torch._foreach_lerp_(list(self.G_ema.parameters()), list(G.parameters()), 1 - 0.999)
 

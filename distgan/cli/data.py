@@ -32,9 +32,11 @@ from distgan.data.shards import write_shards
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True,
               help="Shuffle the sample order (seeded) so that classes mix across shards.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that shuffle.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Keep only the first N images of the shuffled order (a fixed random subset, for small-data runs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shards_command(src, out, resolution, channels, crop, resize_filter, fmt, shard_size, workers, prefix,
-                   overwrite, shuffle, seed, quiet):
+                   overwrite, shuffle, seed, limit, quiet):
     """Pack SRC images into webdataset tar shards in OUT, with a dataset.json manifest.
 
     SRC is an image folder (searched recursively; first-level subfolders become class labels),
@@ -45,10 +47,11 @@ def shards_command(src, out, resolution, channels, crop, resize_filter, fmt, sha
     Example:
       distgan shards ~/pictures/flowers data/flowers --resolution 64 --shard-size 2000
       distgan shards builtin:twemoji data/twemoji32 --resolution 32
+      distgan shards builtin:twemoji data/twemoji-500 --resolution 32 --limit 500   # a 500-image subset
     """
     m = write_shards(src, out, resolution=resolution, channels=int(channels), crop=crop, resize_filter=resize_filter,
                      fmt=fmt, shard_size=shard_size, workers=workers, prefix=prefix, overwrite=overwrite,
-                     shuffle=shuffle, seed=seed, progress=not quiet)
+                     shuffle=shuffle, seed=seed, progress=not quiet, limit=limit)
     note = f", {m['skipped']} skipped (see {Path(out) / SKIPPED})" if m["skipped"] else ""
     click.echo(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {out}{note}; "
                f"{len(m['class_names'])} classes")

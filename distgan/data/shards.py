@@ -212,8 +212,11 @@ def _prepare_out(out: Path, overwrite: bool, prefix: str) -> None:
 def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: int = 64, channels: int = 3,
                  crop: str = "center", resize_filter: str = "lanczos", fmt: str = "png", shard_size: int = 1000,
                  workers: int = 1, prefix: str = "train", overwrite: bool = False, shuffle: bool = True,
-                 seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                 seed: int = 0, progress: bool = True, limit: int | None = None) -> dict[str, Any]:
     """Convert ``source`` into shards under ``out``; returns the manifest (also in dataset.json).
+
+    ``limit`` keeps only the first that many usable images of the (seeded, shuffled) order: a
+    fixed random subset, for small-data experiments.
 
     ``workers`` > 1 decodes/resizes in that many processes; the output order (and so every shard
     byte) does not depend on it. Bad files are skipped and listed, never fatal.
@@ -231,15 +234,17 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
                       fmt=fmt)
     writer = _ShardWriter(out, prefix, shard_size, fmt)
     skipped = list(src.skipped)
-    bar = tqdm(total=src.count, unit="file", desc=f"shards {out.name}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=min(src.count, limit or src.count), unit="file", desc=f"shards {out.name}", disable=not progress, smoothing=0.1)
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     try:
         items = iter(src.items)
         # Windows of items keep memory bounded: Pool.imap would read the whole source ahead.
         window = max(64, 32 * workers)
-        while chunk := list(islice(items, window)):
+        while (limit is None or writer.total < limit) and (chunk := list(islice(items, window))):
             results = pool.map(convert, chunk, chunksize=8) if pool else map(convert, chunk)
             for name, label, data, err in results:
+                if limit is not None and writer.total >= limit:
+                    break
                 if data is None:
                     skipped.append((name, err))
                 else:
@@ -260,7 +265,7 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
         "format": "distgan-shards", "format_version": FORMAT_VERSION, "num_samples": writer.total,
         "shards": writer.shards, "resolution": resolution, "channels": channels, "image_format": fmt,
         "class_names": list(src.class_names), "source": src.name, "crop": crop, "resize_filter": resize_filter,
-        "license": src.license, "skipped": len(skipped), "shuffled": shuffle, "seed": seed,
+        "license": src.license, "skipped": len(skipped), "shuffled": shuffle, "seed": seed, "limit": limit,
         "distgan_version": distgan_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = out / f"{MANIFEST}.tmp"

@@ -10,12 +10,14 @@ A new regularizer is a term here (a method registered in `TERMS`) plus its phase
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import math
+from typing import Any, Callable, Protocol
 
 import torch
 
 from distgan.backends.base import PhaseHandle
 from distgan.config import LossConfig
+from distgan.gan.ada import AdaptiveAugment
 from distgan.gan.augment import diff_augment
 from distgan.gan.augpipe import AugmentPipe
 from distgan.gan.losses import RELATIVISTIC, d_loss, g_loss, gradient_penalty, zero_centered_penalties
@@ -33,6 +35,9 @@ class NoiseSource(Protocol):
     def uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """U(0, 1) draws (the interpolation weights of the gradient penalty)."""
 
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) draws shaped like `like` (the image-space directions of the path-length penalty)."""
+
 
 class TorchNoise:
     """Draws from torch's global RNG (ranks are seeded differently, so each draws its own)."""
@@ -44,6 +49,9 @@ class TorchNoise:
 
     def uniform(self, shape, like):
         return torch.rand(shape, device=like.device, dtype=torch.float32).to(like.dtype)
+
+    def normal(self, like):
+        return torch.randn_like(like)
 
 
 class _MicroBatch:
@@ -73,8 +81,12 @@ class _MicroBatch:
 
 
 class GANObjective:
+    """The loss terms of every phase, and the little state they keep: the path-length penalty's
+    running mean (saved with the checkpoint, the same on every rank) and, with ADA, the
+    augmentation probability that `ada` adapts (the pipeline reads its device tensor)."""
+
     def __init__(self, cfg: LossConfig, z_dim: int, num_classes: int, batch_size: int, device: torch.device,
-                 noise: NoiseSource | None = None):
+                 noise: NoiseSource | None = None, ada: AdaptiveAugment | None = None):
         self.cfg = cfg
         self.z_dim, self.num_classes = z_dim, num_classes
         self.batch_size = batch_size  # per-process batch of phases without real images
@@ -83,8 +95,11 @@ class GANObjective:
         self.relativistic = cfg.objective in RELATIVISTIC
         # Scheduled weights: the trainer sets their current values (`set_hyperparameters`).
         self.r1_gamma, self.r2_gamma = cfg.r1_gamma.at(0), cfg.r2().at(0)
-        self.pipe = AugmentPipe(cfg.augment_p.at(0)) if cfg.augment == "bgc" else None
+        self.ada = ada
+        self.pipe = AugmentPipe(ada.p if ada else cfg.augment_p.at(0)) if cfg.augment == "bgc" else None
         self._augment: Callable[[torch.Tensor], torch.Tensor] = self._augmenter(cfg.diffaugment, self.pipe)
+        self.pl_mean = torch.zeros((), device=device)
+        """Running mean `a` of the generator's path lengths (StyleGAN2), the penalty's target."""
 
     @staticmethod
     def _augmenter(policy: str, pipe: AugmentPipe | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -97,8 +112,14 @@ class GANObjective:
     def set_hyperparameters(self, r1_gamma: float, r2_gamma: float, augment_p: float) -> None:
         """Current values of the scheduled loss settings."""
         self.r1_gamma, self.r2_gamma = r1_gamma, r2_gamma
-        if self.pipe is not None:
+        if self.pipe is not None and self.ada is None:  # ADA sets p itself
             self.pipe.p = augment_p
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pl_mean": self.pl_mean.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pl_mean.copy_(torch.as_tensor(state.get("pl_mean", 0.0)))
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.noise.latents(n, self.z_dim, self.num_classes, self.device)
@@ -173,7 +194,10 @@ class GANObjective:
         fake = self._fakes(h, batch, n, real)
         logits = self._d_forward(h, batch, {"r1": real, "r2": fake}, [batch.real_c, batch.fake_c])
         real_logits, fake_logits = logits[:n], logits[n:]
-        stats = {"D_real": real_logits.detach(), "D_fake": fake_logits.detach()}
+        # sign(D(real)): its mean is ADA's overfitting signal r_t, logged in every run.
+        stats = {"D_real": real_logits.detach(), "D_fake": fake_logits.detach(), "D_real_sign": real_logits.detach().sign()}
+        if self.ada is not None:
+            self.ada.observe(real_logits)
         return d_loss(self.cfg.objective, real_logits, fake_logits), stats
 
     def _gp(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
@@ -209,11 +233,37 @@ class GANObjective:
         return self._penalty(h, batch, "r2", self.r2_gamma)
 
 
+    def _pl(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
+        """Path-length regularization (StyleGAN2, Karras et al. 2020): for random image-space
+        directions y, the length of J_w^T y should not depend on w. Penalizes (|J_w^T y| - a)^2,
+        `a` the running mean of the lengths, on `batch_size / pl_batch_shrink` fresh latents.
+
+        `a` moves by the mean over ALL ranks (one small all-reduce per micro-batch), so it is the
+        same on every rank and 2 processes x B give the run of 1 x 2B."""
+        cfg = self.cfg
+        z, c = self.latents(max(1, self.batch_size // cfg.pl_batch_shrink))
+        with h.autocast():
+            images, ws = h.G(z, c, return_ws=True)
+        # Directions scaled by 1/sqrt(pixels), so that the lengths do not grow with resolution.
+        y = self.noise.normal(images).to(images.dtype) / math.sqrt(images.shape[2] * images.shape[3])
+        (grads,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
+        lengths = grads.float().square().sum(2).mean(1).sqrt()
+        batch_mean = h.backend.all_reduce_mean(lengths.detach().mean())
+        with torch.no_grad():
+            self.pl_mean.lerp_(batch_mean, cfg.pl_decay)
+        penalty = (lengths - self.pl_mean).square()
+        # `images.sum() * 0` keeps every G parameter in the graph (the last bias gets no
+        # path-length gradient), which the sharded backends expect of each backward.
+        loss = cfg.pl_weight * penalty.mean() + images.float().sum() * 0
+        return loss, {"pl_length": lengths.detach(), "pl_penalty": penalty.detach(), "pl_mean": self.pl_mean.clone()}
+
+
 TERMS: dict[str, Callable[[GANObjective, PhaseHandle, _MicroBatch], tuple[torch.Tensor, Stats]]] = {
     "g_adv": GANObjective._g_adv,
     "d_adv": GANObjective._d_adv,
     "gp": GANObjective._gp,
     "r1": GANObjective._r1,
     "r2": GANObjective._r2,
+    "pl": GANObjective._pl,
 }
 """Loss terms by the name a phase lists them under."""

@@ -71,11 +71,12 @@ class Schedule:
 
 
 def build_phases(cfg: Config) -> list[Phase]:
-    """The phases of one generator step, in order: (Dmain [, Dreg]) x d_steps, Gmain.
+    """The phases of one generator step, in order: (Dmain [, Dreg]) x d_steps, Gmain [, Greg].
 
     R1/R2 with `loss.r1_interval=1` run inside Dmain, differentiating the same D forward as the
     adversarial loss (R3GAN); a longer interval makes them a lazy Dreg phase of their own.
-    A relativistic objective's G phase reuses the reals of the step's last D phase.
+    A relativistic objective's G phase reuses the reals of the step's last D phase. Path-length
+    regularization (`loss.pl_weight`) is a lazy G phase every `loss.pl_interval` G steps.
     """
     loss = cfg.loss
     gp = loss.objective == "wgan-gp"
@@ -90,7 +91,11 @@ def build_phases(cfg: Config) -> list[Phase]:
         d_phases.append(Phase("Dreg", "D", penalties, real=REAL_LAST, interval=k, gain=float(k),
                               double_backward=True, regularizer=True))
     g_real = REAL_LAST if loss.objective in RELATIVISTIC else REAL_NONE
-    return d_phases * cfg.optim.d_steps + [Phase("Gmain", "G", ("g_adv",), real=g_real)]
+    g_phases = [Phase("Gmain", "G", ("g_adv",), real=g_real)]
+    if loss.pl_weight > 0:  # StyleGAN2's path-length regularization, lazy like R1
+        k = loss.pl_interval
+        g_phases.append(Phase("Greg", "G", ("pl",), interval=k, gain=float(k), double_backward=True, regularizer=True))
+    return d_phases * cfg.optim.d_steps + g_phases
 
 
 def lazy_reg_adam_params(lr: float, betas: tuple[float, float], interval: int) -> tuple[float, tuple[float, float]]:

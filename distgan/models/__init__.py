@@ -4,7 +4,7 @@
     G, D = build_models(cfg.model, resolution, channels, num_classes)
 
 ``G(z, labels=None) -> (N, C, R, R)`` images in [-1, 1]; ``D(x, labels=None) -> (N,)`` raw logits.
-Importing this package registers the built-in archs (``dcgan``, ``resnet``, ``r3gan``).
+Importing this package registers the built-in archs (``dcgan``, ``resnet``, ``r3gan``, ``stylegan2``).
 """
 
 from distgan.models.registry import (ARCHS, CHANNELS, RESOLUTIONS, build_models, check_arch, discriminator_blocks,
@@ -14,5 +14,6 @@ from distgan.models.registry import (ARCHS, CHANNELS, RESOLUTIONS, build_models,
 from distgan.models import dcgan as _dcgan  # noqa: E402,F401  isort: skip
 from distgan.models import resnet as _resnet  # noqa: E402,F401  isort: skip
 from distgan.models import r3gan as _r3gan  # noqa: E402,F401  isort: skip
+from distgan.models import stylegan2 as _stylegan2  # noqa: E402,F401  isort: skip
 
 __all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "build_models", "check_arch", "discriminator_blocks", "register_arch"]

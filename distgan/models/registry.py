@@ -32,6 +32,13 @@ class ModelSettings(Protocol):
     blocks_per_stage: int
     expansion: int
     group_size: int
+    w_dim: int
+    mapping_layers: int
+    style_mixing_prob: float
+    mbstd_group: int
+    lowp_stages: int
+    conv_clamp: float
+    noise_mode: str
 
 
 Builder = Callable[[ModelSettings, int, int, int], tuple[nn.Module, nn.Module]]

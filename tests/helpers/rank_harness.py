@@ -124,6 +124,14 @@ class IndexedNoise:
         off = self.plan.offset(micro)
         return u[off:off + shape[0]].view(shape).to(device=like.device, dtype=like.dtype)
 
+    def normal(self, like):
+        """Path-length directions: one per sample of the global batch, like the latents."""
+        phase_call, micro = self.current
+        g = torch.Generator().manual_seed(70_000 + phase_call)
+        y = torch.randn(self.plan.total, *like.shape[1:], generator=g)
+        off = self.plan.offset(micro)
+        return y[off:off + like.shape[0]].to(device=like.device, dtype=like.dtype)
+
 
 def indexed_parts(cfg, rank: int, world: int) -> dict:
     """run()'s stream factory and noise source for DISTGAN_TEST_INDEXED."""

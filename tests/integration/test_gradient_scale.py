@@ -1,7 +1,7 @@
 """Gradient scale is the same however a global batch is split: 1 process x 8 images, 1 x 4 with
 accumulation 2, 2 processes x 4 (DDP, FSDP, DeepSpeed ZeRO 0/1/2) and 2 x 2 x accumulation 2,
 for every objective in `losses.OBJECTIVES` and every regularizer (R1 in the D step and lazy,
-R2 when the config has it, WGAN-GP's penalty).
+R2 when the config has it, WGAN-GP's penalty, StyleGAN2's path length).
 
 Why not weights after Adam steps: Adam divides each update by the gradient's running RMS, so a
 uniform gradient scale (a missing 1/accumulate, a sum where a mean belongs, an all-reduce that
@@ -59,6 +59,11 @@ def _cases() -> dict[str, list[str]]:
     cases["r1-lazy"] = ["loss.objective=logistic", "loss.r1_gamma=1.0", "loss.r1_interval=2"]  # Dreg phase, gain 2
     if "r2_gamma" in LossConfig.__dataclass_fields__:
         cases["r2"] = ["loss.objective=logistic", "loss.r2_gamma=1.0", "loss.r1_interval=1"]
+    # StyleGAN2's path-length phase (Greg, a double backward through G), every step and on the whole
+    # batch so that every split draws the same latents; const noise and minibatch-std groups of 2
+    # (consecutive samples) keep each sample's gradient independent of the split.
+    cases["pl"] = ["loss.objective=logistic", "model.arch=stylegan2", "model.mapping_layers=2", "model.mbstd_group=2",
+                   "model.noise_mode=const", "loss.pl_weight=2", "loss.pl_interval=1", "loss.pl_batch_shrink=1"]
     return cases
 
 
