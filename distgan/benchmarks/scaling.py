@@ -4,6 +4,9 @@ per-process batch, in one run; plus per-rank optimizer-state bytes for DDP vs Ze
     OMP_NUM_THREADS=1 distgan bench scaling [--steps 40 --rounds 2 --warmup 5 --batch 32 --width 32]
         [--skip-zero] [section.key=value ...]
 
+Each run trains warmup + steps + 1 generator steps and times the `steps` after the warm-up (any
+steps >= 1 gives a rate; fewer than 20 add a notice that the efficiency is noisy).
+
 `measure_scaling` yields a summary and the optimizer sizes:
   {"efficiency": img/s(2 procs) / (2 x img/s(1 proc)), ...}     target >= 0.85
   {"optimizer_bytes_per_rank": {"ddp": ..., "zero1": ..., "zero2": ..., "fsdp": ...}}
@@ -66,20 +69,27 @@ def optimizer_state_bytes(backend) -> int:
 
 class ScalingProbe(TrainerHooks):
     """Times generator steps after the warm-up; when training ends, writes this rank's numbers
-    (img/s and optimizer-state bytes) to `out/rank-R.json`."""
+    (img/s and optimizer-state bytes) to `out/rank-R.json`.
+
+    A timed step is the interval between two step starts (the step plus the loop's own per-step
+    work; no grids or checkpoints fall due inside it), so `measure_scaling` runs one step more
+    than warm-up + timed steps. Images count what the loop really showed D (`state.nimg`, all
+    ranks) in those intervals."""
 
     def __init__(self, out: Path, warmup: int):
         self.out, self.warmup, self.stamps = out, warmup, []
 
     def step_start(self, trainer: Trainer) -> None:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), trainer.state.nimg))
 
     def fit_end(self, trainer: Trainer, status: str) -> None:
         b, cfg = trainer.backend, trainer.cfg
-        timed = self.stamps[self.warmup:]  # each interval between two starts is one whole step
-        images = max(len(timed) - 1, 0) * cfg.optim.d_steps * cfg.data.batch_size * cfg.optim.accumulate * b.world_size
-        seconds = timed[-1] - timed[0] if len(timed) > 1 else 0.0  # a run too short to time (e.g. train.steps=2)
+        timed = self.stamps[self.warmup:]
+        steps = max(len(timed) - 1, 0)
+        seconds = timed[-1][0] - timed[0][0] if steps else 0.0
+        images = timed[-1][1] - timed[0][1] if steps else 0
         row = {"rank": b.rank, "world_size": b.world_size, "backend": cfg.dist.backend, "zero_stage": cfg.dist.zero_stage,
+               "timed_steps": steps, "timed_seconds": seconds, "timed_images": images,
                "img_per_s": images / seconds if seconds > 0 else 0.0, "optimizer_bytes": optimizer_state_bytes(b)}
         (self.out / f"rank-{b.rank}.json").write_text(json.dumps(row))
 
@@ -105,14 +115,24 @@ def launch(nproc: int, run_dir: Path, overrides: list[str], warmup: int) -> list
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank-*.json"))]
 
 
+MEANINGFUL_STEPS = 20
+"""Fewer timed steps than this still give a rate, with a notice that the efficiency is noisy."""
+
+
 def measure_scaling(steps: int = 40, warmup: int = 5, batch: int = 32, width: int = 32, rounds: int = 2,
                     skip_zero: bool = False, overrides: tuple[str, ...] = ()) -> Iterator[dict]:
-    """The scaling summary, then (unless `skip_zero`) the optimizer bytes per rank."""
+    """The scaling summary, then (unless `skip_zero`) the optimizer bytes per rank.
+
+    Each run trains `warmup + steps + 1` generator steps and times the `steps` whole steps after
+    the warm-up, so any `steps >= 1` gives a rate, however small the model. A run that could not
+    be timed (it stopped early) gives no efficiency and says why, never a division by zero."""
+    if steps < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"bench scaling needs --steps >= 1, --warmup >= 0 and --rounds >= 1 (got {steps}, {warmup}, {rounds})")
     with tempfile.TemporaryDirectory(prefix="distgan-scaling-") as tmp:
         root = Path(tmp)
         shards = make_shards(root)
         base = [f"data.source={shards}", "data.resolution=32", f"data.batch_size={batch}", "data.workers=0",
-                f"model.g_width={width}", f"model.d_width={width}", f"train.steps={steps}",
+                f"model.g_width={width}", f"model.d_width={width}", f"train.steps={warmup + steps + 1}",
                 "train.log_every=1000", "train.sample_every=100000", "train.ckpt_every=100000", "logging.wandb=off",
                 "train.progress=false", "loss.diffaugment=", *overrides]
         # Alternate 1 and 2 processes and keep each one's best round: on a shared machine other
@@ -123,9 +143,17 @@ def measure_scaling(steps: int = 40, warmup: int = 5, batch: int = 32, width: in
             two = launch(2, root / f"two{r}", base, warmup)
             rate1 = max(rate1, one["img_per_s"])
             rate2 = max(rate2, min(x["img_per_s"] for x in two))  # every rank sees the global throughput
-        yield {"benchmark": "scaling", "img_per_s_1proc": round(rate1, 1), "img_per_s_2proc": round(rate2, 1),
-               "efficiency": round(rate2 / (2 * rate1), 3), "batch_per_process": batch, "width": width,
-               "steps": steps, "warmup": warmup, "rounds": rounds}
+        timed = min([one["timed_steps"], *(x["timed_steps"] for x in two)])
+        row = {"benchmark": "scaling", "img_per_s_1proc": round(rate1, 1), "img_per_s_2proc": round(rate2, 1),
+               "efficiency": round(rate2 / (2 * rate1), 3) if rate1 > 0 and rate2 > 0 else None,
+               "batch_per_process": batch, "width": width, "steps": steps, "timed_steps": timed, "warmup": warmup,
+               "rounds": rounds}
+        if row["efficiency"] is None:
+            row["notice"] = (f"no step rate: a run timed {timed} steps (it stopped before warm-up + steps + 1 = "
+                             f"{warmup + steps + 1}; check train.* overrides such as train.steps or train.max_minutes)")
+        elif timed < MEANINGFUL_STEPS:
+            row["notice"] = f"only {timed} timed steps: the efficiency is noisy (use --steps {MEANINGFUL_STEPS} or more)"
+        yield row
         if skip_zero:
             return
         short = [o for o in base if not o.startswith("train.steps")] + [f"train.steps={warmup + 2}"]
@@ -135,7 +163,7 @@ def measure_scaling(steps: int = 40, warmup: int = 5, batch: int = 32, width: in
             ranks = launch(2, root / name, short + extra, warmup)
             sizes[name] = max(r["optimizer_bytes"] for r in ranks)
         yield {"benchmark": "optimizer_state", "optimizer_bytes_per_rank": sizes, "world_size": 2,
-               "zero2_vs_ddp": round(sizes["zero2"] / sizes["ddp"], 3)}
+               "zero2_vs_ddp": round(sizes["zero2"] / sizes["ddp"], 3) if sizes["ddp"] else None}
 
 
 def _worker_main() -> None:

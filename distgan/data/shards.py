@@ -234,7 +234,8 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
                       fmt=fmt)
     writer = _ShardWriter(out, prefix, shard_size, fmt)
     skipped = list(src.skipped)
-    bar = tqdm(total=min(src.count, limit or src.count), unit="file", desc=f"shards {out.name}", disable=not progress, smoothing=0.1)
+    total = src.count if limit is None or src.count is None else min(src.count, limit)
+    bar = tqdm(total=total, unit="file", desc=f"shards {out.name}", disable=not progress, smoothing=0.1)
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     try:
         items = iter(src.items)

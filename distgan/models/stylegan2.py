@@ -128,7 +128,7 @@ class SynthesisLayer(nn.Module):
         self.affine = FullyConnected(w_dim, cin, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))  # demodulation makes its scale moot
         self.bias = nn.Parameter(torch.zeros(cout))
-        self.noise_strength = nn.Parameter(torch.zeros(()))
+        self.noise_strength = nn.Parameter(torch.zeros(1))  # not 0-d: ZeRO cannot flatten 0-d parameters
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.register_buffer("fir", fir_filter(), persistent=False)
 

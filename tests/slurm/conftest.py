@@ -1,8 +1,10 @@
 """Session fixture ``slurm_cluster``: a real SLURM cluster on loopback (see cluster.py).
 
-Skips (with the reason written to the terminal, not only to the -rs summary) only when the cluster
-cannot run on this machine at all: not root, or slurm missing and not installable with apt. Any
-other start-up failure is an error that carries the daemon logs.
+Runs as root or as an ordinary user (the daemons run as the current user). Skips (with the reason
+written to the terminal, not only to the -rs summary) only when the cluster cannot run on this
+machine: slurm missing and not installable (apt needs root), or, for a non-root user, daemons that
+the system refused to start (the reason and their logs in the message). As root any start-up
+failure is an error that carries the daemon logs. `.ci/run` runs the suite as root.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def slurm_cluster(request):
         _say(request.config, f"[tests/slurm] SKIP: {reason}")
         pytest.skip(reason)
     c = _cluster.SlurmCluster()
-    c.start()
+    try:
+        c.start()
+    except _cluster.ClusterUnavailable as exc:  # only for a non-root user (see SlurmCluster.start)
+        reason = f"loopback SLURM cluster unavailable: {exc}"
+        _say(request.config, f"[tests/slurm] SKIP: {reason}")
+        pytest.skip(reason)
     _say(request.config, f"[tests/slurm] cluster up in {c.startup_seconds:.2f}s at {c.base} "
          f"(nodes {', '.join(c.nodes)}, slurmctld port {c.ports['slurmctld']})")
     try:
