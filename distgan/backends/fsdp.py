@@ -22,6 +22,7 @@ What differs from DDP:
 from __future__ import annotations
 
 import copy
+import datetime
 from typing import Any
 
 import torch
@@ -43,6 +44,13 @@ class FSDPBackend(Backend):
         self._accelerator = acc = start_accelerator(cfg)
         self.rank, self.world_size, self.local_rank = acc.process_index, acc.num_processes, acc.local_process_index
         self.device = acc.device
+        if not torch.distributed.is_initialized():
+            # One process without a launcher: accelerate starts no process group, but fully_shard
+            # needs one for its device mesh (it would look for RANK and fail). A one-rank group
+            # on an in-process store: no port, nothing to rendezvous with.
+            torch.distributed.init_process_group("gloo" if self.device.type == "cpu" else "cpu:gloo,cuda:nccl",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.mixed_precision = str(acc.mixed_precision)
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer_state = _ShardedOptimizerState(self)

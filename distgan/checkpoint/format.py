@@ -146,6 +146,11 @@ def read_rank(folder: Path, rank: int) -> dict[str, dict] | None:
     return state
 
 
+def read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of `<name>.safetensors` as saved (in the dtype the run held them)."""
+    return load_file(str(Path(folder) / f"{name}.safetensors"))
+
+
 def load_weights(module: torch.nn.Module, file: Path, skip: frozenset[str] = frozenset()) -> None:
     """Load a safetensors state dict, naming missing, unexpected or misshapen keys clearly. Keys in
     `skip` keep the module's own values (fine-tuning's fresh class embeddings)."""

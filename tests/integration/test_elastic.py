@@ -4,8 +4,11 @@ Real runs on CPU with gloo (forked ranks, `tests/helpers/ranks.py`), tiny models
 Each source writes a checkpoint at step 2; each target resumes every source, writes the loaded
 state straight back (DISTGAN_TEST_RESAVE) and trains one more step. The written-back weights and
 optimizer state (gathered from ZeRO/FSDP shards) must equal the source's exactly: nothing is
-lost or moved in a re-shard. Several runs share one launch (DISTGAN_TEST_MULTI, one process group)
-to keep the 6 x 6 matrix within a minute or two on two cores.
+lost or moved in a re-shard. A DeepSpeed bf16 run trains fp32 master weights (saved in its
+optimizer file) behind bf16 engine weights (its weights file): there the masters are what must
+carry over exactly, and a bf16 weights file must be their rounding (see `exact_weights`).
+Several runs share one launch (DISTGAN_TEST_MULTI, one process group) to keep the 8 x 8 matrix
+within a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -28,15 +31,19 @@ from tests.helpers import REPO
 pytest.importorskip("deepspeed")
 RANKS = REPO / "tests" / "helpers" / "ranks.py"
 
-# name: (world size, overrides)
+# name: (world size, overrides). In launch order: "fsdp-1" right after "single" starts its own
+# one-rank process group (no launcher, no group yet), as `distgan train dist.fsdp=true` would.
 SETUPS = {
     "single": (1, ["dist.backend=accelerate"]),
+    "fsdp-1": (1, ["dist.backend=accelerate", "dist.fsdp=true"]),
     "zero1-1": (1, ["dist.backend=deepspeed", "dist.zero_stage=1"]),
     "ddp": (2, ["dist.backend=accelerate"]),
     "fsdp": (2, ["dist.backend=accelerate", "dist.fsdp=true"]),
     "zero0": (2, ["dist.backend=deepspeed", "dist.zero_stage=0"]),
     "zero2": (2, ["dist.backend=deepspeed", "dist.zero_stage=2"]),
+    "zero2-bf16": (2, ["dist.backend=deepspeed", "dist.zero_stage=2", "dist.mixed_precision=bf16"]),
 }
+BF16 = {"zero2-bf16"}
 STEP = 2
 
 
@@ -92,6 +99,21 @@ def optim(path: Path, net: str) -> dict:
     return torch.load(path / f"optim_{net}.pt", map_location="cpu", weights_only=True)
 
 
+def exact_weights(path: Path, net: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights file, exact state) of `net` in a checkpoint. The exact state is the weights file
+    with the fp32 master weights of a DeepSpeed bf16 run (`fp32_params` in its optimizer file) in
+    place of its bf16 parameters: those masters are what it trains and resumes from, its bf16
+    weights only their rounding. Every other run (and G_ema, kept in fp32 by every backend) has
+    no masters: its weights file is exact."""
+    weights = load_file(str(path / f"{net}.safetensors"))
+    exact = dict(weights)
+    if net != "G_ema":
+        masters = optim(path, net).get("fp32_params", {})
+        assert set(masters) <= set(weights), (path, net)
+        exact.update(masters)
+    return weights, exact
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(SETUPS))
 def test_every_checkpoint_resumes_under_every_backend_and_world_size(matrix, target):
@@ -102,15 +124,33 @@ def test_every_checkpoint_resumes_under_every_backend_and_world_size(matrix, tar
         assert verify(again) is None and verify(out / f"step-{STEP + 1:09d}") is None, (source, target)
         assert read_checkpoint(again).world_size == SETUPS[target][0]
         for net in ("G", "D", "G_ema"):
-            a, b = load_file(str(src / f"{net}.safetensors")), load_file(str(again / f"{net}.safetensors"))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{net}: {source} -> {target}"
+            a_file, a = exact_weights(src, net)
+            b_file, b = exact_weights(again, net)
+            assert a.keys() == b.keys() == b_file.keys(), f"{net}: {source} -> {target}"
+            # The exact state (fp32: weights, or a bf16 run's masters) carries over bit for bit,
+            # in every direction: bf16 -> fp32 takes the masters, fp32 -> bf16 makes the weights
+            # its masters. (The tiny models have no buffers; a bf16 engine would hold those in bf16.)
+            assert all(b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), f"{net}: {source} -> {target}"
+            # A weights file holds the exact state in the run's weight dtype: the bf16 weights of a
+            # bf16 run are the round-to-nearest of its masters, to the bit (DeepSpeed copies the
+            # masters into them after each step; a resume copies them in). fp32: the same tensors.
+            for weights, state in ((a_file, a), (b_file, b)):
+                assert all(torch.equal(weights[k], state[k].to(weights[k].dtype)) for k in a), f"{net}: {source} -> {target}"
+            for run, weights in ((source, a_file), (target, b_file)):
+                bf16 = run in BF16 and net != "G_ema"
+                assert {w.dtype for w in weights.values()} == {torch.bfloat16 if bf16 else torch.float32}, (net, run)
         for net in ("G", "D"):
             a, b = optim(src, net), optim(again, net)
             assert a["state"].keys() == b["state"].keys() and a["state"], (net, source, target)
             for name, moments in a["state"].items():
-                for key in ("exp_avg", "exp_avg_sq", "step"):
-                    assert torch.equal(moments[key].float(), b["state"][name][key].float()), \
-                        f"optim_{net} {name}.{key}: {source} -> {target}"
+                # Adam's moments are fp32 in every setup (a bf16 run's optimizer steps the fp32
+                # masters): they carry over exactly, dtype included.
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert moments[key].dtype == b["state"][name][key].dtype == torch.float32
+                    assert torch.equal(moments[key], b["state"][name][key]), f"optim_{net} {name}.{key}: {source} -> {target}"
+                assert torch.equal(moments["step"].float(), b["state"][name]["step"].float()), \
+                    f"optim_{net} {name}.step: {source} -> {target}"
+            assert "fp32_params" in b or target not in BF16, (net, source, target)  # a bf16 run's masters
             assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
             assert tuple(a["param_groups"][0]["betas"]) == tuple(b["param_groups"][0]["betas"])
         sa, sb = read_checkpoint(src), read_checkpoint(again)
@@ -123,7 +163,7 @@ def test_every_checkpoint_resumes_under_every_backend_and_world_size(matrix, tar
 
 def test_deepspeed_checkpoint_loads_with_weights_only(matrix):
     _, paths = matrix
-    for name in ("zero0", "zero1-1", "zero2"):
+    for name in ("zero0", "zero1-1", "zero2", "zero2-bf16"):
         folder = paths[name]
         assert not list(folder.glob("ds_*")), "DeepSpeed's native pickles are not written"
         for net in ("G", "D"):

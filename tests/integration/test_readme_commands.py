@@ -83,6 +83,17 @@ HOW: dict[str, tuple[str, str]] = {
     "distgan train --config configs/r3gan-twemoji-32.yaml": (RUN, f"{TINY} model.widths=[8,8,8]"),
     "distgan eval --ckpt runs/r3gan-twemoji-32 --n 2000 --log": (RUN, ""),
     "distgan report runs/default runs/r3gan-twemoji-32 --x minutes": (RUN, ""),
+    # README.md, Quality: StyleGAN2-ADA (4 widths at 32 px, so three at 16) and the small-data pair.
+    "distgan train --config configs/stylegan2-ada-twemoji-32.yaml": (RUN, f"{TINY} model.widths=[8,8,8]"),
+    "distgan sample --ckpt runs/stylegan2-ada-twemoji-32 --truncation 0.7 --out trunc.png": (RUN, ""),
+    "distgan shards builtin:twemoji data/twemoji-500 --resolution 32 --limit 500": (RUN, ""),
+    "distgan train --config configs/stylegan2-ada-twemoji-32.yaml data.source=data/twemoji-500 train.name=ada-on":
+        (RUN, f"{TINY_KEEP_RES} model.widths=[8,8,8,8]"),
+    "distgan train --config configs/stylegan2-ada-twemoji-32.yaml data.source=data/twemoji-500 train.name=ada-off "
+    "loss.ada_target=0 loss.augment=": (RUN, f"{TINY_KEEP_RES} model.widths=[8,8,8,8]"),
+    "distgan eval --ckpt runs/ada-on --n 2000 --data builtin:twemoji --log": (RUN, ""),
+    "distgan report runs/ada-on runs/ada-off --x minutes": (RUN, ""),
+    "distgan sample --truncation 0.7": (MENTION, "a flag named in the Models paragraph; the Quality section runs it"),
     "distgan eval": (MENTION, NOT_A_COMMAND),
     "distgan eval --n 2000": (MENTION, NOT_A_COMMAND),
     "distgan report": (MENTION, NOT_A_COMMAND),

@@ -9,8 +9,9 @@ import torch
 from torch.nn import functional as F
 
 from distgan.config import load_config
-from distgan.errors import ConfigError
+from distgan.errors import ConfigError, DistganError
 from distgan.models import build_models, discriminator_blocks
+from distgan.sampling import generate
 from distgan.models.stylegan2 import MAPPING_LR
 from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, blur, downsample2d, fir_filter,
                                              modulated_conv2d, upsample2d)
@@ -302,3 +303,18 @@ def test_one_training_step_reaches_every_parameter():
     for name, p in D.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert torch.isfinite(d_loss) and torch.isfinite(g_loss)
+
+
+def test_sampling_with_truncation_and_its_error_on_other_archs():
+    """`distgan sample --truncation`: psi=0 gives every latent the average w's image; psi=1 changes
+    nothing; an arch without a mapping network says so instead of failing on an argument."""
+    G, _ = models(16, 3, 0, "model.noise_mode=const")
+    G.mapping.w_avg.normal_()
+    z = torch.randn(3, 8)
+    average = generate(G, z, None, truncation_psi=0.0)
+    assert torch.allclose(average[0], average[1], atol=1e-5) and torch.allclose(average[0], average[2], atol=1e-5)
+    assert torch.equal(generate(G, z, None, truncation_psi=1.0), generate(G, z, None))
+    assert not torch.allclose(generate(G, z, None)[0], generate(G, z, None)[1])
+    dcgan, _ = build_models(load_config(None, ["data.resolution=16"]).model, 16, 3, 0)
+    with pytest.raises(DistganError, match="mapping network"):
+        generate(dcgan, z[:, :1].expand(3, dcgan.z_dim).contiguous(), None, truncation_psi=0.7)
