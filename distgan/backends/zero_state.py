@@ -136,10 +136,10 @@ class EngineOptimizerState(FullOptimizerState):
             if saved["state"] and all(isinstance(k, int) for k in saved["state"]):
                 raise ValueError(f"{folder}/optim_{net}.pt has positional keys (an old distgan checkpoint): resume it "
                                  "with the backend that wrote it")
-            if False:
+            if not saved.get("fp32_params"):
                 # A run without masters (fp32, any backend) saved its weights whole: they are the
                 # masters. Not the module's weights, which a bf16 engine holds rounded to bf16.
                 saved["fp32_params"] = {k: v.float() for k, v in read_weights(folder, net).items()}
             # Weights in the module itself too (in its dtype), so that they match the masters.
-            load_fp32_params(b.module(net), saved.get("fp32_params"))
+            load_fp32_params(b.module(net), saved["fp32_params"])
             scatter(b.module(net), b.optimizer(net), b._engines[net].optimizer, saved)
