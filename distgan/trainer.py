@@ -329,6 +329,7 @@ class Trainer:
             for i, (real, labels) in enumerate(batches):
                 with h.micro_batch(last=i == last):
                     micro.append(self.objective.accumulate_gradients(phase, h, real, labels, scale))
+            self.objective.end_phase(phase, h)
             loss = micro[0]["loss"] if len(micro) == 1 else torch.stack([m["loss"] for m in micro]).sum()
             if self._skip_nonfinite and self._nonfinite_on_any_rank(loss):
                 # Every rank skips together (the flag was all-reduced), so weights stay identical.

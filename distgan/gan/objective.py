@@ -100,6 +100,7 @@ class GANObjective:
         self._augment: Callable[[torch.Tensor], torch.Tensor] = self._augmenter(cfg.diffaugment, self.pipe)
         self.pl_mean = torch.zeros((), device=device)
         """Running mean `a` of the generator's path lengths (StyleGAN2), the penalty's target."""
+        self._pl_sums = torch.zeros(2, device=device)  # [sum of lengths, count] of the running phase
 
     @staticmethod
     def _augmenter(policy: str, pipe: AugmentPipe | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -114,6 +115,14 @@ class GANObjective:
         self.r1_gamma, self.r2_gamma = r1_gamma, r2_gamma
         if self.pipe is not None and self.ada is None:  # ADA sets p itself
             self.pipe.p = augment_p
+
+    def end_phase(self, phase: Phase, h: PhaseHandle) -> None:
+        """After all micro-batches of `phase` (every rank calls it: a collective for `pl`)."""
+        if "pl" in phase.terms:
+            sums = h.backend.all_reduce_mean(self._pl_sums.clone())  # the ratio of means is the ratio of sums
+            with torch.no_grad():
+                self.pl_mean.lerp_(sums[0] / sums[1].clamp(min=1.0), self.cfg.pl_decay)
+            self._pl_sums.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         return {"pl_mean": self.pl_mean.detach().cpu().clone()}
@@ -238,8 +247,11 @@ class GANObjective:
         directions y, the length of J_w^T y should not depend on w. Penalizes (|J_w^T y| - a)^2,
         `a` the running mean of the lengths, on `batch_size / pl_batch_shrink` fresh latents.
 
-        `a` moves by the mean over ALL ranks (one small all-reduce per micro-batch), so it is the
-        same on every rank and 2 processes x B give the run of 1 x 2B."""
+        The penalty pulls towards `a` as it stood when the phase began; `end_phase` then moves `a`
+        by the mean length over every micro-batch and rank (one small all-reduce per phase). So `a`
+        is the same on every rank, and 2 processes x B, 1 x 2B and accumulation give the same
+        update. (NVlabs moves `a` by the current batch first and lets its 1% share of the gradient
+        flow through it; with decay 0.01 the two differ by about that share.)"""
         cfg = self.cfg
         z, c = self.latents(max(1, self.batch_size // cfg.pl_batch_shrink))
         with h.autocast():
@@ -248,9 +260,7 @@ class GANObjective:
         y = self.noise.normal(images).to(images.dtype) / math.sqrt(images.shape[2] * images.shape[3])
         (grads,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
         lengths = grads.float().square().sum(2).mean(1).sqrt()
-        batch_mean = h.backend.all_reduce_mean(lengths.detach().mean())
-        with torch.no_grad():
-            self.pl_mean.lerp_(batch_mean, cfg.pl_decay)
+        self._pl_sums += torch.stack([lengths.detach().sum(), torch.tensor(float(lengths.numel()), device=lengths.device)])
         penalty = (lengths - self.pl_mean).square()
         # `images.sum() * 0` keeps every G parameter in the graph (the last bias gets no
         # path-length gradient), which the sharded backends expect of each backward.

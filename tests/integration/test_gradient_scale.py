@@ -135,7 +135,9 @@ class Outcome:
     norms: dict[str, list[float]]
 
     def update(self) -> dict[str, torch.Tensor]:
-        return {k: self.final[k] - self.initial[k] for k in self.initial}
+        # StyleGAN2's `w_avg` is a running statistic, not a trained weight: each rank moves it by
+        # its own batch and rank 0's wins (as a BatchNorm mean would), so it depends on the split.
+        return {k: self.final[k] - self.initial[k] for k in self.initial if not k.endswith("w_avg")}
 
 
 def _launch(tmp: Path, name: str, runs: list[Run], processes: int, timeout: float) -> list[Outcome]:

@@ -88,12 +88,12 @@ def reference_lengths(G, noise):
 
 def test_penalty_and_its_gradients_match_autograd_jacobians():
     cfg, G, noise, objective, phase = setup()
-    stats = objective.accumulate_gradients(phase, Handle(G), None, None, scale=1.0)
+    objective.pl_mean.fill_(0.3)  # the target `a` as the phase begins
+    handle = Handle(G)
+    stats = objective.accumulate_gradients(phase, handle, None, None, scale=1.0)
     lengths = reference_lengths(G, noise)
     assert torch.allclose(stats["pl_length"], lengths.detach(), atol=1e-6)
-    a = 0.01 * lengths.detach().mean()  # the running mean starts at 0 and moves by pl_decay = 0.01
-    assert objective.pl_mean.item() == pytest.approx(a.item(), rel=1e-6)
-    expected = phase.gain * cfg.loss.pl_weight * (lengths - a).square().mean()
+    expected = phase.gain * cfg.loss.pl_weight * (lengths - 0.3).square().mean()
     assert stats["loss"].item() * phase.gain == pytest.approx(expected.item(), rel=1e-5)
     got = {name: p.grad.clone() for name, p in G.named_parameters()}
     G.zero_grad()
@@ -101,6 +101,8 @@ def test_penalty_and_its_gradients_match_autograd_jacobians():
     for name, p in G.named_parameters():
         assert torch.allclose(got[name], p.grad, atol=1e-6), name
     assert got["A"].abs().sum() > 0 and got["mapping.weight"].abs().sum() > 0  # both reach through w
+    objective.end_phase(phase, handle)  # then `a` moves by pl_decay = 0.01 towards the mean length
+    assert objective.pl_mean.item() == pytest.approx(0.3 + 0.01 * (lengths.mean().item() - 0.3), rel=1e-6)
 
 
 def test_running_mean_follows_the_lengths_and_is_checkpointed():
@@ -108,6 +110,7 @@ def test_running_mean_follows_the_lengths_and_is_checkpointed():
     means = []
     for _ in range(3):
         stats = objective.accumulate_gradients(phase, Handle(G), None, None, scale=1.0)
+        objective.end_phase(phase, Handle(G))
         means.append(stats["pl_length"].mean().item())
     expected = 0.0
     for m in means:
@@ -134,3 +137,22 @@ def test_greg_is_a_lazy_g_phase_with_corrected_adam():
     assert lazy_reg_adam_params(0.0025, (0.0, 0.99), 4)[0] == pytest.approx(0.0025 * 4 / 5)
     off = load_config(None, [])
     assert all(p.name != "Greg" for p in build_phases(off))
+
+
+def test_accumulated_micro_batches_move_the_mean_like_one_batch():
+    """Two micro-batches of 2 leave `a` where one batch of 4 does (the mean over the phase)."""
+    _, G, noise, whole, phase = setup("loss.pl_decay=0.5")
+    whole.pl_mean.fill_(1.0)
+    whole.accumulate_gradients(phase, Handle(G), None, None, scale=1.0)
+    whole.end_phase(phase, Handle(G))
+    _, _, _, split, _ = setup("loss.pl_decay=0.5")
+    split.batch_size = N // 2
+    split.pl_mean.fill_(1.0)
+    halves = iter([noise.z[:2], noise.z[2:]])
+    split.noise.latents = lambda n, *_: (next(halves), None)
+    ys = iter([noise.y[:2], noise.y[2:]])
+    split.noise.normal = lambda like: next(ys)
+    for _ in range(2):
+        split.accumulate_gradients(phase, Handle(G), None, None, scale=0.5)
+    split.end_phase(phase, Handle(G))
+    assert split.pl_mean.item() == pytest.approx(whole.pl_mean.item(), rel=1e-6)
