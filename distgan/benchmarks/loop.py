@@ -47,7 +47,8 @@ class PlainLoop:
 
     def _adapt(self, real_logits: torch.Tensor) -> None:
         """ADA by hand: count the signs of D(real), adjust p every `ada_interval` D steps."""
-        self.signs += torch.stack([real_logits.detach().sign().sum(), torch.tensor(float(real_logits.numel()))])
+        self.signs[0] += real_logits.detach().sign().sum()
+        self.signs[1] += real_logits.numel()
         if self.i % self.loss.ada_interval == 0:
             rt = self.signs[0] / self.signs[1]
             self.p.add_(torch.sign(rt - self.loss.ada_target) * self.ada_step).clamp_(0.0, self.loss.augment_p_max)

@@ -241,7 +241,6 @@ class GANObjective:
         """R2: gamma/2 E||grad_x D(x)||^2 on fake images (R3GAN)."""
         return self._penalty(h, batch, "r2", self.r2_gamma)
 
-
     def _pl(self, h: PhaseHandle, batch: _MicroBatch) -> tuple[torch.Tensor, Stats]:
         """Path-length regularization (StyleGAN2, Karras et al. 2020): for random image-space
         directions y, the length of J_w^T y should not depend on w. Penalizes (|J_w^T y| - a)^2,
@@ -260,7 +259,8 @@ class GANObjective:
         y = self.noise.normal(images).to(images.dtype) / math.sqrt(images.shape[2] * images.shape[3])
         (grads,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
         lengths = grads.float().square().sum(2).mean(1).sqrt()
-        self._pl_sums += torch.stack([lengths.detach().sum(), torch.tensor(float(lengths.numel()), device=lengths.device)])
+        self._pl_sums[0] += lengths.detach().sum()
+        self._pl_sums[1] += lengths.numel()
         penalty = (lengths - self.pl_mean).square()
         # `images.sum() * 0` keeps every G parameter in the graph (the last bias gets no
         # path-length gradient), which the sharded backends expect of each backward.

@@ -55,13 +55,14 @@ def normalize_2nd_moment(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
 
-def _fp32_needed(force_fp32: bool, t: Tensor) -> bool:
-    """True when a module kept in fp32 (`lowp_stages`) runs under an active autocast."""
-    return force_fp32 and torch.is_autocast_enabled(t.device.type)
-
-
-def _float(*tensors: Tensor | None) -> list[Tensor | None]:
-    return [t.float() if t is not None else None for t in tensors]
+def _in_fp32_if_forced(force_fp32: bool, forward, *args):
+    """`forward(*args)`; a module kept in fp32 (`lowp_stages`) under an active autocast runs with
+    autocast off and its floating-point tensor arguments cast to fp32."""
+    device = next(a for a in args if isinstance(a, Tensor)).device.type
+    if not (force_fp32 and torch.is_autocast_enabled(device)):
+        return forward(*args)
+    with torch.autocast(device, enabled=False):
+        return forward(*(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args))
 
 
 class MappingNetwork(nn.Module):
@@ -87,12 +88,8 @@ class MappingNetwork(nn.Module):
                 truncation_cutoff: int | None = None, update_w_avg: bool = False) -> Tensor:
         """`update_w_avg`: move `w_avg` towards this batch's mean w (training mode only).
         Truncation: ws = lerp(w_avg, ws, psi), on the first `truncation_cutoff` rows if given."""
-        ref = z if z is not None else self.layers[0].weight
-        if _fp32_needed(self.force_fp32, ref):
-            with torch.autocast(ref.device.type, enabled=False):
-                z = z.float() if z is not None else None
-                return self._forward(z, labels, truncation_psi, truncation_cutoff, update_w_avg)
-        return self._forward(z, labels, truncation_psi, truncation_cutoff, update_w_avg)
+        return _in_fp32_if_forced(self.force_fp32, self._forward, z, labels, truncation_psi, truncation_cutoff,
+                                  update_w_avg)
 
     def _forward(self, z, labels, truncation_psi, truncation_cutoff, update_w_avg) -> Tensor:
         batch = z.shape[0] if z is not None else labels.shape[0] if labels is not None else 0
@@ -178,10 +175,7 @@ class SynthesisBlock(nn.Module):
         self.register_buffer("fir", fir_filter(), persistent=False)
 
     def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: str):
-        if _fp32_needed(self.force_fp32, ws):
-            with torch.autocast(ws.device.type, enabled=False):
-                return self._forward(*_float(x, img, ws), noise_mode)
-        return self._forward(x, img, ws, noise_mode)
+        return _in_fp32_if_forced(self.force_fp32, self._forward, x, img, ws, noise_mode)
 
     def _forward(self, x, img, ws, noise_mode):
         w = ws.unbind(dim=1)
@@ -282,10 +276,7 @@ class DiscriminatorBlock(nn.Module):
         self.skip = Conv(cin, cout, 1, act=False, bias=False, down=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fp32_needed(self.force_fp32, x):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.float())
-        return self._forward(x)
+        return _in_fp32_if_forced(self.force_fp32, self._forward, x)
 
     def _forward(self, x: Tensor) -> Tensor:
         if self.from_rgb is not None:
@@ -305,10 +296,7 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnected(cin, cmap_dim or 1)
 
     def forward(self, x: Tensor, cmap: Tensor | None) -> Tensor:
-        if _fp32_needed(self.force_fp32, x):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward(*_float(x, cmap))
-        return self._forward(x, cmap)
+        return _in_fp32_if_forced(self.force_fp32, self._forward, x, cmap)
 
     def _forward(self, x: Tensor, cmap: Tensor | None) -> Tensor:
         x = self.out(self.fc(self.conv(self.mbstd(x)).flatten(1)))

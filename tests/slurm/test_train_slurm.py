@@ -71,6 +71,15 @@ def latest_step(run_dir: Path) -> int:
     return int(pointer.read_text().split("-")[1]) if pointer.is_file() else -1
 
 
+def wait_for_checkpoint(cluster, job: str, run_dir: Path, logs: Path, step: int) -> None:
+    """Until the running job has saved a checkpoint at `step` or later (fails if it ends first)."""
+    deadline = time.monotonic() + START_S
+    while latest_step(run_dir) < step:
+        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"{cluster.job_info(job)}\n{read_logs(logs)}"
+        time.sleep(0.1)
+
+
 def check_final(run_dir: Path, steps: int) -> None:
     """The run ended at `steps` with a complete checkpoint written by two ranks on two nodes."""
     final = ckpt(run_dir, steps)
@@ -104,11 +113,7 @@ def test_sbatch_preempted_by_usr1_requeues_and_resumes(slurm_cluster, shards, tm
     job = slurm_cluster.sbatch(TRAIN_SH, f"data.source={shards}", *TINY, f"train.steps={target}", "train.ckpt_every=5",
                                sbatch_args=("--nodes", "2", "--job-name", "preempt"), cwd=tmp_path,
                                env=job_env(run_dir))
-    deadline = time.monotonic() + START_S
-    while latest_step(run_dir) < 5:
-        assert time.monotonic() < deadline and slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"{slurm_cluster.job_info(job)}\n{read_logs(tmp_path)}"
-        time.sleep(0.1)
+    wait_for_checkpoint(slurm_cluster, job, run_dir, tmp_path, step=5)
     # What --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only.
     slurm_cluster.signal_batch(job, "USR1")
     slurm_cluster.requeue_fast(job, restarts=1, timeout=START_S)
@@ -140,11 +145,7 @@ def test_two_node_job_requeued_onto_one_node_resumes_on_the_other_world_size(slu
     job = slurm_cluster.sbatch(TRAIN_SH, f"data.source={shards}", *tiny, f"train.steps={target}", "train.ckpt_every=5",
                                f"train.global_batch={global_batch}",
                                sbatch_args=("--nodes", "2", "--job-name", "shrink"), cwd=tmp_path, env=job_env(run_dir))
-    deadline = time.monotonic() + START_S
-    while latest_step(run_dir) < 5:
-        assert time.monotonic() < deadline and slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"{slurm_cluster.job_info(job)}\n{read_logs(tmp_path)}"
-        time.sleep(0.1)
+    wait_for_checkpoint(slurm_cluster, job, run_dir, tmp_path, step=5)
     slurm_cluster.signal_batch(job, "USR1")
     # train.sh requeues the job; it is eligible again only after the credential expiry (cred_expire=10),
     # so it is still pending when held here. Shrink it, then let it start.

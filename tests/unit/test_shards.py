@@ -26,7 +26,7 @@ from distgan.data.builtin import FASHION_CLASSES
 from distgan.data.cache import materialize
 from distgan.data.format import MANIFEST, ShardsError, Source
 from distgan.data.shards import write_shards
-from tests.helpers import REPO
+from tests.helpers import REPO, make_image_folder
 
 
 
@@ -212,3 +212,14 @@ def test_fashion_mnist_idx_and_cache(tmp_path, monkeypatch):
     final = Path(results[0][0])
     assert len(set(results)) == 1 and results[0][1] == (final / MANIFEST).stat().st_ino
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name, final.name + ".lock"]
+
+
+def test_limit_keeps_the_first_images_of_the_seeded_order(tmp_path):
+    """`distgan shards --limit N`: a fixed random subset of N images, the same for the same seed."""
+    src = make_image_folder(tmp_path / "img", n_per_class=10)
+    subset = write_shards(str(src), tmp_path / "a", resolution=8, limit=7, progress=False)
+    again = write_shards(str(src), tmp_path / "b", resolution=8, limit=7, progress=False)
+    whole = write_shards(str(src), tmp_path / "c", resolution=8, progress=False)
+    assert subset["num_samples"] == 7 and subset["limit"] == 7 and whole["num_samples"] == 20
+    shard = lambda out: (out / "train-000000.tar").read_bytes()  # noqa: E731
+    assert shard(tmp_path / "a") == shard(tmp_path / "b")
