@@ -193,6 +193,9 @@ class OptimConfig:
     cap, e.g. when `ema_halflife_kimg` is a schedule that starts at 0, as in R3GAN)."""
     accumulate: int = setting(1, at_least=1)
     """Gradient-accumulation steps per optimizer step (each of batch_size images)."""
+    adam_impl: str = setting("auto", choices=("auto", "fused", "foreach", "loop"))
+    """torch Adam implementation: `fused` (one kernel for all tensors), `foreach` (batched ops),
+    `loop` (per tensor); `auto`: fused on GPUs, foreach on the CPU. Same update, last bits may differ."""
 
 
 @dataclass
@@ -226,7 +229,8 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on the main process."""
     signal_check_every: int = setting(5, at_least=1)
-    """Poll for preemption (SIGUSR1/SIGTERM or a PREEMPT file) every this many steps; all
+    """Poll for preemption (SIGUSR1/SIGTERM or a PREEMPT file) every this many steps, and every
+    this many batches of an evaluation (which is then given up: the resumed run redoes it); all
     ranks agree through one small collective."""
     health_checks: bool = True
     """Watch the log rows for a dead D, a D that wins outright and sample collapse; each warns
@@ -238,14 +242,21 @@ class TrainConfig:
     """Images per optimizer step over all processes, kept constant when the world size changes:
     per-process batch and `optim.accumulate` are derived from it (`data.batch_size` is then
     the largest micro-batch a process runs). Unset: data.batch_size x accumulate x world size."""
+    deterministic: bool = False
+    """Bitwise-repeatable GPU runs: deterministic algorithms only (an op without one raises and is
+    named; on CUDA that includes `loss.augment=bgc`'s grid_sample backward and r3gan's bilinear
+    upsampling backward), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic and its autotuner
+    off. Slower; for debugging and reproducibility checks."""
 
 
 @dataclass
 class DistConfig:
     backend: str = setting("accelerate", choices=("accelerate", "deepspeed"))
     """`accelerate` (single device, DDP, FSDP) or `deepspeed` (ZeRO)."""
-    mixed_precision: str = setting("", choices=("", "no", "bf16", "fp16"))
-    """`no`, `bf16` or `fp16`; empty takes what `accelerate launch` was given."""
+    mixed_precision: str = setting("", choices=("", "no", "bf16", "fp16", "auto"))
+    """`no`, `bf16`, `fp16` or `auto`: bf16 on GPUs with compute capability >= 8.0 (A100, H100),
+    fp16 with loss scaling on older GPUs (V100, T4), `no` on the CPU (logged at start, with the
+    reason). Empty takes what `accelerate launch` was given. Wins over the launcher's value."""
     fsdp: bool = False
     """Shard G and D with FSDP2 (accelerate backend; CPU or GPU; not with R1 / WGAN-GP)."""
     zero_stage: int = setting(1, choices=(0, 1, 2, 3))
@@ -256,11 +267,23 @@ class DistConfig:
     `accelerate launch`, if any."""
     compile: bool = False
     """Wrap G and D with torch.compile (accelerate backend; slower than eager on CPU)."""
-    timeout_s: int = setting(120, at_least=1)
-    """Collective timeout: a dead or hung rank stops the others within about this many seconds."""
+    timeout_s: int = setting(1800, at_least=1)
+    """Collective timeout in seconds: how long a rank waits in a collective for the others. It
+    must cover work one rank does alone while the others wait (rank 0 writing and hashing a
+    checkpoint of several GB on a shared filesystem, `wandb.init` retrying online, ranks compiling).
+    Under gloo (CPU) a timeout raises, and `fail_fast` names the rank that failed or hung; under
+    NCCL the watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts the process with
+    SIGABRT instead, so nothing is named and the launcher only reports the abort. A killed rank
+    is seen at once on either backend (its sockets close); a hung one after this long."""
     expect_world_size: int = setting(0, at_least=0)
     """Fail fast unless the launcher started this many processes (0: only the launcher's own
     request is checked)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    (GAN shapes are fixed, so it pays after the first steps); off under train.deterministic."""
+    channels_last: bool = False
+    """Store G's and D's weights in channels_last (NHWC) memory format: faster convolutions with
+    Tensor Cores under bf16/fp16 on GPUs. Checkpoints are unaffected (saved contiguous)."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -118,6 +119,53 @@ def export_env(info: ProcessInfo | None = None, single_free_port: bool = False) 
     for name, value in values.items():
         os.environ.setdefault(name, str(value))
     return info
+
+
+# ---------------------------------------------------------------------------- CPUs of an allocation
+
+
+MAX_GPU_WORKERS = 8
+"""More loader workers per GPU rank than this only add memory (each holds its prefetched batches)."""
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """How one node's CPUs are split between the ranks on it."""
+
+    node_cpus: int
+    ranks: int
+    per_rank: int
+    workers: int
+    """DataLoader workers per rank (`data.workers`)."""
+    threads: int
+    """Compute threads per rank (OMP_NUM_THREADS)."""
+
+    def shell(self) -> str:
+        """Shell assignments for slurm/train.sh (`eval "$(python -m distgan.distributed cpu-share ...)"`)."""
+        return (f"NODE_CPUS={self.node_cpus} CPUS_PER_RANK={self.per_rank} DATA_WORKERS={self.workers} "
+                f"OMP_THREADS={self.threads}")
+
+
+def allocated_cpus(env: Mapping[str, str] | None = None) -> int | None:
+    """CPUs this job holds on this node under SLURM: SLURM_CPUS_PER_TASK (train.sh runs one task per
+    node, which holds all of the node's ranks), else SLURM_CPUS_ON_NODE; None outside SLURM."""
+    env = os.environ if env is None else env
+    cpus = _int(env, "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", default=0)
+    return cpus if cpus > 0 else None
+
+
+def cpu_share(node_cpus: int, ranks: int, on_gpu: bool) -> CpuShare:
+    """Split `node_cpus` between `ranks` processes, so that workers and threads do not oversubscribe.
+
+    A GPU rank computes on its GPU: one CPU drives it and the rest of its share decodes data
+    (workers = share - 1, at most MAX_GPU_WORKERS). A CPU rank computes with its own threads:
+    one worker decodes (small images decode far faster than a step trains) when the share has
+    room for it, and the rest are compute threads. A share of 1 CPU gets no worker: decoding then
+    runs in the rank itself rather than competing with it."""
+    ranks = max(1, ranks)
+    per_rank = max(1, node_cpus // ranks)
+    workers = min(MAX_GPU_WORKERS, per_rank - 1) if on_gpu else min(1, per_rank - 1)
+    return CpuShare(node_cpus, ranks, per_rank, workers, max(1, per_rank - workers))
 
 
 # ---------------------------------------------------------------------------- world size
@@ -330,3 +378,21 @@ def fail_fast(rank: int, world_size: int, timeout_s: float) -> Iterator[None]:
         message = explain_collective_failure(rank, world_size, timeout_s, error)
         log.error("%s", message)
         raise PeerFailureError(message) from error
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m distgan.distributed cpu-share RANKS_PER_NODE gpu|cpu`: the split of this node's
+    SLURM allocation as shell assignments (slurm/train.sh); exit 1 outside SLURM."""
+    if len(argv) != 3 or argv[0] != "cpu-share" or argv[2] not in ("gpu", "cpu") or not argv[1].isdigit():
+        print("usage: python -m distgan.distributed cpu-share RANKS_PER_NODE gpu|cpu", file=sys.stderr)
+        return 2
+    cpus = allocated_cpus()
+    if cpus is None:
+        print("distgan.distributed cpu-share: neither SLURM_CPUS_PER_TASK nor SLURM_CPUS_ON_NODE is set", file=sys.stderr)
+        return 1
+    print(cpu_share(cpus, int(argv[1]), argv[2] == "gpu").shell())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -126,7 +126,9 @@ class Tracker:
         )
         # A W&B failure must not kill a training job, nor raise on the main process alone (the
         # other ranks would wait in their next collective): online falls back to offline, and
-        # offline to metrics.jsonl only.
+        # offline to metrics.jsonl only. The other ranks do wait (in the first step's collective)
+        # while this runs: each attempt is bounded by W&B's init_timeout (90 s by default), well
+        # inside dist.timeout_s (default 1800 s).
         run = None
         for mode in (["online", "offline"] if self.mode == "online" else ["offline"]):
             try:

@@ -26,6 +26,7 @@ from distgan.backends import Backend
 from distgan.checkpoint import (BestRecord, Checkpointer, RngStreams, RunFacts, Scope, TrainState, check_resume_compatible,
                                 isolated_rng, read_checkpoint, resolve_checkpoint)
 from distgan.config import Config
+from distgan.data.normalize import normalize_images
 from distgan.data.prefetch import DataStream, Prefetcher
 from distgan.errors import ConfigError, NonFiniteLossError
 from distgan.gan.ada import AdaptiveAugment
@@ -35,7 +36,7 @@ from distgan.gan.objective import GANObjective, NoiseSource
 from distgan.gan.phases import REAL_FRESH, REAL_NONE, Phase, Schedule, build_phases
 from distgan.health import SPREAD_KEY, HealthMonitor, HealthThresholds, sample_spread
 from distgan.metrics.evaluation import TrainingEvaluator
-from distgan.preemption import PreemptionWatch, signals_blocked
+from distgan.preemption import Preempted, PreemptionWatch
 from distgan.sampling import fixed_latents, generate, grid_layout, save_grid
 from distgan.tracking import Tracker
 
@@ -205,7 +206,9 @@ class Trainer:
         self.start()
         status = "done"
         try:
-            while self.state.step < self.cfg.train.steps and not self.out_of_time:
+            if not self.evaluate_owed():
+                status = "preempted"
+            while status == "done" and self.state.step < self.cfg.train.steps and not self.out_of_time:
                 if not self.advance():
                     status = "preempted"
                     break
@@ -253,25 +256,77 @@ class Trainer:
                 self.out_of_time = self.backend.all_reduce_max(over).item() > 0
         final = st.step == cfg.train.steps or self.out_of_time
         if st.step % cfg.train.sample_every == 0 or final:
+            # Main process only, short (two grids of 64): the other ranks wait for it in the poll below.
             self.write_samples()
         preempted = self.preempt.requested(st.step)  # collective: all ranks agree
+        eval_due = self.evaluator is not None and self.evaluator.due(st.nimg, st.nimg - nimg_before, final)
+        # A final step with nothing left to evaluate is as quick to finish as to leave.
+        leaving = preempted and (eval_due or not final)
         if st.step % cfg.train.ckpt_every == 0 or final or preempted:
+            st.eval_owed = eval_due and leaving  # no time for it now: the resumed run evaluates first
             self.save()
-        leaving = preempted and not final  # no time for an evaluation then
-        if self.evaluator and not leaving and self.evaluator.due(st.nimg, st.nimg - nimg_before, final):
-            with isolated_rng(), signals_blocked():  # must not change what training draws next
-                seconds = self.evaluate()  # collective; its time is kept out of img/s
-            start, nimg, step = self._window
-            self._window = (start + seconds, nimg, step)
         if leaving:
             log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
-        return not leaving
+            return False
+        if eval_due:
+            try:
+                self._timed_evaluation()
+            except Preempted:  # raised on every rank at the same poll
+                return self._leave_mid_evaluation(saved=False)
+        return True
+
+    def _timed_evaluation(self) -> None:
+        # Isolated RNG: must not change what training draws next. No signal block here: the
+        # evaluation polls the preemption flag, and its loader workers are protected on their own.
+        with isolated_rng():
+            seconds = self.evaluate()  # collective; its time is kept out of img/s
+        start, nimg, step = self._window
+        self._window = (start + seconds, nimg, step)
+
+    def evaluate_owed(self) -> bool:
+        """Run the evaluation that a preemption took from the checkpoint's step (resumed runs only).
+        False when a preemption stops this one too."""
+        st = self.state
+        if not st.eval_owed:
+            return True
+        if self.evaluator is None:  # evaluation switched off since: nothing is owed any more
+            st.eval_owed = False
+            return True
+        log.info("Running the evaluation of step %d that a preemption interrupted.", st.step)
+        st.eval_owed = False  # what any checkpoint written from here on (a new best, below) says
+        try:
+            self._timed_evaluation()
+        except Preempted:
+            st.eval_owed = True
+            return self._leave_mid_evaluation(saved=True)  # the checkpoint resumed from still owes it
+        if st.step >= self.cfg.train.steps and self._saved_step != st.step:
+            self.save()  # no later checkpoint will say it was done
+        return True
+
+    def _leave_mid_evaluation(self, saved: bool) -> bool:
+        """Every rank gave up the evaluation of this step for a preemption: checkpoint (the
+        evaluation marked as owed, so the resumed run runs it first) and leave."""
+        st, watch = self.state, self.preempt
+        if watch.pending():
+            log.warning("Rank %d %s during the evaluation at step %d: giving it up, checkpointing, then exiting "
+                        "for a requeue.", self.backend.rank, watch.reason(), st.step)
+        watch.stopping(st.step, watch.pending(), during="during the evaluation")
+        if not saved:
+            st.eval_owed = True
+            self.save()  # again if this step was saved before the evaluation: now it owes the evaluation
+        log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
+        return False
 
     def finish(self, status: str) -> None:
         """Stop the data thread, the progress bar and the tracker; mark a completed run DONE."""
         self.data.close()
         self._bar.close()
         self.tracker.finish()
+        if status == "preempted" and self.backend.world_size > 1:
+            # Leave together: `srun --kill-on-bad-exit` kills every node once one node's launcher
+            # exits, which would cut the main process's tracker flush short. The checkpoint is safe
+            # by now (its save ended in a collective after the rename). Bounded by dist.timeout_s.
+            self.backend.barrier()
         if status != "preempted":
             # After a preemption the handlers stay until exit: the launcher follows a rank's
             # exit with SIGTERM to the others, which must not kill them while they shut down.
@@ -315,7 +370,8 @@ class Trainer:
         images, labels = next(self.data)
         device = self.backend.device
         if images.device != device:  # a no-op `.to` still costs ~15 us of argument parsing
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)  # uint8 from pinned memory: a quarter of the bytes
+        images = normalize_images(images)  # -> float32 [-1, 1], on the device, after the copy
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
         for hook in self.hooks:
             hook.batch(self, images, labels)
@@ -417,9 +473,11 @@ class Trainer:
 
     def evaluate(self) -> float:
         """FID/KID of the EMA generator, logged; a new best is kept as `checkpoints/best`.
-        A collective (every rank calls it). Returns the seconds it took."""
+        A collective (every rank calls it). Returns the seconds it took; raises `Preempted` (on
+        every rank) when a preemption arrives during it."""
         start, st = time.perf_counter(), self.state
-        row = self.evaluator.run(self.ema.module, st.nimg)
+        # Polls the preemption flag with the other ranks every few batches: raises Preempted on all.
+        row = self.evaluator.run(self.ema.module, st.nimg, interrupt=self.preempt.pending)
         row["minutes"] = (self.train_seconds + start - self._window[0]) / 60  # training time so far
         self.tracker.log(st.step, row)
         # Every rank offers the same (all-reduced) FID to its BestRecord, so all agree on whether

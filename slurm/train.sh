@@ -13,6 +13,7 @@
 #   GPUS_PER_NODE     GPUs used per node; default: what SLURM allocated (--gpus-per-node), else 0.
 #                     0 = CPU training (gloo): NPROC_PER_NODE processes per node.
 #   NPROC_PER_NODE    processes per node (default GPUS_PER_NODE, or 1 on CPU)
+#   OMP_NUM_THREADS   threads per process; default: its share of the node's CPUs (see below)
 #   MIXED_PRECISION   no | fp16 | bf16 (default no)
 #   MAIN_PROCESS_PORT rendezvous port on the head node (default 20000 + job id % 20000)
 #   MAIN_PROCESS_IP   head address (default: NodeAddr of the first node from scontrol)
@@ -22,9 +23,15 @@
 #   PREEMPT_GRACE     seconds after USR1 before requeueing even if the training has not stopped (60)
 # Arguments: section.key=value overrides passed to the trainer (train.run_dir=... sets RUN_DIR).
 #
+# CPUs: the node's allocation (SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE) is split between its
+# ranks (distgan/distributed.py: cpu_share): data.workers and OMP_NUM_THREADS per rank default to
+# that share unless given (data.workers=N as an argument or in CONFIG, OMP_NUM_THREADS exported).
+# Ask for --cpus-per-task = ranks per node x (1 + workers you want), e.g. 64 for 8 GPUs.
+#
 # Preemption contract (see slurm/README.md): on SIGUSR1 (120 s before the time limit, or
-# `scancel --signal=USR1 --batch JOB`) this shell creates $RUN_DIR/PREEMPT; the trainer saves a
-# checkpoint at the next step boundary and exits 17; the job then requeues itself and resumes
+# `scancel --signal=USR1 --batch JOB`) this shell creates the request $RUN_DIR/PREEMPT; the
+# trainer saves a checkpoint at the next step boundary (or gives up a running evaluation), writes
+# the marker $RUN_DIR/PREEMPTED and exits 17; the job then requeues itself and resumes
 # (train.resume=auto). The trainer writes $RUN_DIR/DONE when the run is complete.
 #
 #SBATCH --job-name=distgan
@@ -103,7 +110,10 @@ if [ "$RESTARTS" -gt 0 ] && [ -e "$RUN_DIR/DONE" ]; then
   log "restart $RESTARTS of job $SLURM_JOB_ID but $RUN_DIR/DONE exists: the run is complete"
   exit 0
 fi
-rm -f "$RUN_DIR/PREEMPT" "$RUN_DIR/DONE"   # stale markers of an earlier run
+# Stale files of an earlier attempt: its marker, and a request of train.sh's own that the training
+# did not act on (PREEMPT_GRACE ran out), which would stop this attempt at once. A request made
+# from here on is honoured: the trainer never removes a request it has not acted on.
+rm -f "$RUN_DIR/PREEMPT" "$RUN_DIR/PREEMPTED" "$RUN_DIR/DONE"
 RUN_DIR_ABS=$RUN_DIR
 
 TRAIN_SCRIPT=${DISTGAN_TRAIN_SCRIPT:-distgan/train.py}
@@ -122,13 +132,34 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
 fi
 if [ "$GPUS_PER_NODE" -gt 0 ]; then
   NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS_PER_NODE}
-  DEVICE="gpu ($GPUS_PER_NODE per node)"
+  KIND=gpu DEVICE="gpu ($GPUS_PER_NODE per node)"
 else
   NPROC_PER_NODE=${NPROC_PER_NODE:-1}
   export ACCELERATE_USE_CPU=1          # with --multi_gpu: several CPU processes over gloo
-  threads=$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE ))
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
-  DEVICE="cpu (gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+  KIND=cpu DEVICE="cpu (gloo)"
+fi
+# Each rank's share of the node's CPUs: its loader workers and compute threads (one rule, in
+# distgan/distributed.py, unit-tested with the variables SLURM sets).
+NODE_CPUS='' CPUS_PER_RANK='' DATA_WORKERS='' OMP_THREADS=1
+if share=$(cd "$SUBMIT_DIR" && python -m distgan.distributed cpu-share "$NPROC_PER_NODE" "$KIND"); then
+  eval "$share"
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$OMP_THREADS}
+WORKERS_NOTE="data.workers=$DATA_WORKERS"
+WORKERS_GIVEN=0
+for arg in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+  case $arg in data.workers=*) WORKERS_GIVEN=1 ;; esac
+done
+if [ "$WORKERS_GIVEN" -eq 1 ]; then
+  WORKERS_NOTE="data.workers as given"
+elif [ -n "${CONFIG:-}" ] && grep -Eq '^[[:space:]]+workers:' "$CONFIG" 2>/dev/null; then
+  WORKERS_NOTE="data.workers from $CONFIG"
+elif [ -n "$DATA_WORKERS" ]; then
+  PROG+=("data.workers=$DATA_WORKERS")
+fi
+if [ -n "$CPUS_PER_RANK" ] && [ "$KIND" = gpu ] && [ "$CPUS_PER_RANK" -lt 2 ]; then
+  log "WARNING: $NODE_CPUS CPU(s) for $NPROC_PER_NODE GPU ranks on a node leave no loader worker per rank;" \
+      "submit with --cpus-per-task=$(( NPROC_PER_NODE * 5 )) (1 + 4 workers per rank)"
 fi
 WORLD_SIZE=$(( NNODES * NPROC_PER_NODE ))
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
@@ -164,6 +195,7 @@ requeue() {
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart count $RESTARTS"
 log "nodes $NNODES [$SLURM_JOB_NODELIST], head $HEAD_NODE at $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"
 log "world size $WORLD_SIZE = $NNODES node(s) x $NPROC_PER_NODE process(es), $DEVICE, mixed precision $MIXED_PRECISION"
+log "cpus ${NODE_CPUS:-unknown} per node, ${CPUS_PER_RANK:-?} per process: $WORKERS_NOTE, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 log "run dir $RUN_DIR"
 if [ "$PREEMPTED" -eq 1 ]; then requeue "preemption notice arrived before the launch"; fi
 log "launch: ${SRUN[*]} bash -c '$TASK'"
@@ -187,7 +219,7 @@ if [ -n "$GRACE_PID" ]; then kill "$GRACE_PID" 2>/dev/null || true; fi
 log "training step exited with status $rc"
 
 if [ -e "$RUN_DIR/DONE" ]; then
-  rm -f "$RUN_DIR/PREEMPT"
+  rm -f "$RUN_DIR/PREEMPT" "$RUN_DIR/PREEMPTED"
   log "run complete ($RUN_DIR/DONE)"
   exit 0
 fi
@@ -195,9 +227,10 @@ if [ "$TERMINATED" -eq 1 ]; then
   log "stopped by SIGTERM before the run was complete; not requeueing here"
   exit 143
 fi
-# accelerate and torchrun report the trainer's exit 17 as 1: the PREEMPT file counts as well
-# (and lets anyone ask a running job to checkpoint and requeue: touch \$RUN_DIR/PREEMPT).
-if [ "$rc" -eq 17 ] || [ "$PREEMPTED" -eq 1 ] || [ -e "$RUN_DIR/PREEMPT" ]; then
+# accelerate and torchrun report the trainer's exit 17 as 1: the trainer's PREEMPTED marker counts
+# as well, and so does a request it did not get to (anyone may ask a running job to checkpoint and
+# requeue: touch \$RUN_DIR/PREEMPT).
+if [ "$rc" -eq 17 ] || [ "$PREEMPTED" -eq 1 ] || [ -e "$RUN_DIR/PREEMPTED" ] || [ -e "$RUN_DIR/PREEMPT" ]; then
   requeue "the training stopped for preemption (step status $rc)"
 fi
 if [ "$rc" -eq 0 ]; then

@@ -30,11 +30,12 @@ def _launcher_zero_stage() -> str:
     return stage if stage.isdigit() else "N"
 
 
-def check_combination(cfg: Config, cuda: bool | None = None) -> None:
-    """Raise ConfigError for a dist/loss combination that cannot work on this machine."""
+def check_combination(cfg: Config, cuda: bool | None = None, capability: tuple[int, int] | None = None) -> None:
+    """Raise ConfigError for a dist/loss combination that cannot work on this machine (`cuda` and
+    the GPU's `capability` default to this machine's; `auto` precision is resolved for them)."""
     d = cfg.dist
     cuda = not use_cpu() if cuda is None else cuda
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg, cuda, capability)
     double_backward = bool(cfg.loss.penalties()) or cfg.loss.objective == "wgan-gp" or cfg.loss.pl_weight > 0
     if precision == "fp16" and not cuda:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU (no fp16 loss scaling on CPU); "

@@ -9,13 +9,16 @@ Who syncs what:
   overlaps the backward);
 * the frozen network is always called raw (no DDP forward, no reducer, no sync);
 * a `double_backward` phase (R1, WGAN-GP: DDP's reducer does not support it) calls the raw
-  module, and its handle's `step` averages the gradients with one flat all-reduce.
+  module (its own forward, without Accelerate's autocast/fp32-output wrapper), and its handle
+  averages the gradients itself: bucketed all-reduces launched from gradient hooks during the
+  last micro-batch's backward (`backends/grad_buckets.py`), waited for at the step.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -25,6 +28,7 @@ from torch import nn
 
 from distgan.backends.base import NETS, AdamSpec, Backend, PhaseHandle, StepReport, resolve_precision, use_cpu
 from distgan.config import Config
+from distgan.device import apply_numerics, placement, to_memory_format
 from distgan.distributed import discover, export_env
 from distgan.errors import WorldSizeError
 from distgan.gan.phases import Phase
@@ -36,6 +40,12 @@ def start_accelerator(cfg: Config) -> Accelerator:
     info = discover()
     if info.source in ("slurm", "mpi"):
         export_env(info)  # srun/mpirun with one task per process: speak torchrun's variables
+    # Accelerate takes local_rank % device_count itself (right under per-task GPU binding); the
+    # policy is asked first for its refusal of two ranks on one GPU. LOCAL_RANK stays: accelerate
+    # reads it as the rank's place on the node.
+    placement(use_cpu(), info.local_rank, info.local_world_size,
+              0 if use_cpu() else torch.cuda.device_count(), os.environ)
+    apply_numerics(cfg.train.deterministic, cfg.dist.cudnn_benchmark)
     acc = Accelerator(
         mixed_precision=resolve_precision(cfg),
         cpu=use_cpu(),
@@ -74,6 +84,8 @@ class AccelerateBackend(Backend):
 
     def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         self._plain = {"G": G, "D": D}
+        G, D = (to_memory_format(m, self.cfg.dist.channels_last) for m in (G, D))
+        optim = {net: replace(spec, impl=self.cfg.optim.adam_impl) for net, spec in optim.items()}
         G_w, D_w, opt_G, opt_D = self._accelerator.prepare(G, D, optim["G"].build(G.parameters()),
                                                             optim["D"].build(D.parameters()))
         self._wrapped = {"G": G_w, "D": D_w}
@@ -126,13 +138,22 @@ class _AccelerateHandle(PhaseHandle):
         net, other = phase.net, ("D" if phase.net == "G" else "G")
         # A double-backward phase uses the eager raw module: neither DDP's reducer nor
         # torch.compile (AOTAutograd) supports create_graph=True backward.
-        mine = backend._plain[net] if phase.double_backward else backend._compiled[net]
+        mine = self._unwrapped(backend._plain[net]) if phase.double_backward else backend._compiled[net]
         fns = {net: mine, other: backend._compiled_raw[other]}
         super().__init__(backend, phase, fns["G"], fns["D"])
         wrapped = backend._wrapped[net]
         self._no_sync = wrapped.no_sync if hasattr(wrapped, "no_sync") and not phase.double_backward else None
         self._opt = backend._opts[net]
         self._scaler = backend._accelerator.scaler
+
+    @staticmethod
+    def _unwrapped(module: nn.Module) -> Callable:
+        """The module's own forward, without what `Accelerator.prepare` put around it under mixed
+        precision (autocast + `convert_outputs_to_fp32`). A double-backward phase differentiates
+        with respect to outputs (StyleGAN2's path length takes `autograd.grad(images, ws)`): the
+        converted outputs are `.float()` copies outside the graph of the images. The objective
+        runs every call under the handle's `autocast()` already, so nothing else changes."""
+        return getattr(module, "_original_forward", module)
 
     def micro_batch(self, last: bool):
         return self._no_sync() if self._no_sync is not None and not last else super().micro_batch(last)

@@ -8,8 +8,9 @@ needs for that phase, so that the trainer and the objective stay single-device c
   other one frozen and raw, so that it triggers no gradient sync;
 * gradient sync, including the hand all-reduce that a double backward (R1, gradient penalty)
   needs: DDP's reducer does not support `autograd.grad(create_graph=True)` [pytorch #47562], so
-  such a phase calls the raw module and the handle averages its gradients itself before the
-  step (as stylegan3 does);
+  such a phase calls the raw module and the handle averages its gradients itself (as stylegan3
+  does), in buckets launched from gradient hooks while the backward runs, as DDP's reducer
+  would (`grad_buckets.BucketedGradReducer`);
 * `no_sync` for accumulation micro-batches, loss scaling, clipping, the optimizer step, and the
   report of a step that fp16 skipped.
 """
@@ -17,6 +18,7 @@ needs for that phase, so that the trainer and the objective stay single-device c
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
+from distgan.backends.grad_buckets import BucketedGradReducer
 from distgan.checkpoint.format import read_optimizer, write_optimizer
+from distgan.device import adam_kwargs, auto_precision, gpu_capability
 from distgan.gan.phases import Phase
 
 NETS = ("G", "D")
+log = logging.getLogger("distgan")
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it costs nothing
 
 
@@ -45,9 +50,30 @@ def use_cpu() -> bool:
     return env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def resolve_precision(cfg) -> str:
-    """`dist.mixed_precision`, else what `accelerate launch --mixed_precision` was given, else "no"."""
-    return cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+def resolve_precision(cfg, cuda: bool | None = None, capability: tuple[int, int] | None = None) -> str:
+    """`dist.mixed_precision`, else what `accelerate launch --mixed_precision` was given, else "no";
+    `auto` becomes what `device.auto_precision` picks for this machine (logged once, with why).
+
+    The one place precision is decided: the backends and `check_combination` all ask here, so
+    `auto` never reaches an Accelerator or a DeepSpeed config. An explicit `dist.mixed_precision`
+    wins over the launcher's (accelerate yaml files cannot say `auto`, so GPU launch configs say
+    `mixed_precision: 'no'` and the recipe says `dist.mixed_precision: auto`).
+    `cuda` / `capability` default to this machine's (tests pass them)."""
+    precision = cfg.dist.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "auto":
+        return precision
+    cuda = not use_cpu() if cuda is None else cuda
+    if cuda and capability is None:
+        capability = gpu_capability()
+    precision, why = auto_precision(cuda, capability)
+    if (precision, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((precision, why))
+        log.info("dist.mixed_precision=auto -> %s: %s", precision, why)
+    return precision
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+"""`auto` decisions already logged by this process (it is resolved by several callers)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +83,11 @@ class AdamSpec:
 
     lr: float
     betas: tuple[float, float]
+    impl: str = "auto"
+    """`optim.adam_impl`: fused / foreach / loop, or auto (see `device.adam_kwargs`)."""
 
     def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, **adam_kwargs(self.impl, cuda=not use_cpu()))
 
 
 @dataclass
@@ -83,6 +111,13 @@ class PhaseHandle:
         self.params = [p for p in backend.module(phase.net).parameters()]
         self.clip = backend.grad_clip
         self.autocast = backend.autocast
+        self._reducer = backend.grad_reducer(phase.net, self.params) if self._syncs_by_hand() else None
+        """Bucketed all-reduce from gradient hooks, for a phase that averages gradients itself (None
+        in a single process)."""
+
+    def _syncs_by_hand(self) -> bool:
+        """This phase averages its gradients itself: DDP's reducer cannot run a double backward."""
+        return self.phase.double_backward
 
     def __enter__(self) -> "PhaseHandle":
         self.backend.train_only(self.net)
@@ -92,7 +127,10 @@ class PhaseHandle:
         pass
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        """Around one micro-batch's forward and backward: all but the last skip gradient sync."""
+        """Around one micro-batch's forward and backward: all but the last skip gradient sync (a
+        hand-synced phase arms its reducer for the last one: its buckets go out during that backward)."""
+        if last and self._reducer is not None:
+            self._reducer.arm()
         return _NO_CONTEXT
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -102,9 +140,10 @@ class PhaseHandle:
         """Undo loss scaling on this network's gradients (fp16 only)."""
 
     def _sync_and_norm(self, measure: bool) -> torch.Tensor | None:
-        """Hand all-reduce for double-backward phases, unscale, then the norm (clipping when asked)."""
-        if self.phase.double_backward:
-            self.backend.all_reduce_grads(self.params)
+        """Hand all-reduce (waits for the buckets the backward launched), unscale, then the norm
+        (clipping when asked)."""
+        if self._reducer is not None:
+            self._reducer.finish()
         self._unscale()
         return self._norm(measure)
 
@@ -125,6 +164,8 @@ class PhaseHandle:
 
     def discard(self) -> None:
         """Drop the accumulated gradients without stepping (a skipped non-finite update)."""
+        if self._reducer is not None:
+            self._reducer.cancel()
         self.backend.optimizer(self.net).zero_grad(set_to_none=True)
 
 
@@ -278,8 +319,19 @@ class Backend(ABC):
                 torch.distributed.broadcast(flat, src=0)
                 _unflatten_into(flat, group)
 
+    def grad_reducer(self, net: str, params: list[nn.Parameter]) -> BucketedGradReducer | None:
+        """The bucketed, backward-overlapped gradient all-reduce of `net` (one per network, shared by
+        its hand-synced phases: each arms it for its own last micro-batch); None in one process."""
+        if self.world_size == 1:
+            return None
+        reducers = self.__dict__.setdefault("_grad_reducers", {})
+        if net not in reducers:
+            reducers[net] = BucketedGradReducer(params, self.world_size)
+        return reducers[net]
+
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients across ranks with one flat all-reduce per dtype (double-backward phases)."""
+        """Average gradients across ranks with one flat all-reduce per dtype, after the backward (the
+        plain reference of `grad_reducer`'s bucketed one; tests compare the two)."""
         if self.world_size == 1:
             return
         for group in _by_dtype([p.grad for p in params if p.grad is not None]):

@@ -1,5 +1,6 @@
 """DeepSpeed backend: one engine per network (ZeRO stage 0, 1 or 2), fp32, bf16 or fp16
-(fp16 on GPUs only, with DeepSpeed's own loss scaler; untested here, no GPU was available).
+(fp16 on GPUs only, with DeepSpeed's own loss scaler; its configs are checked by
+`deepspeed.initialize` on CPU in tests/integration/test_deepspeed.py, not trained here).
 
 The route DeepSpeed's GAN tutorial takes, with what was found to work on this stack:
 
@@ -13,7 +14,11 @@ The route DeepSpeed's GAN tutorial takes, with what was found to work on this st
   `engine.backward` still reduces the parameter gradients;
 * gradient accumulation: `managed_gradient_accumulation=false` makes every `backward` only
   accumulate and the one `step` the boundary, which is exactly the trainer's schedule (it
-  already divides the loss by the number of micro-steps, hence `scale_wrt_gas=False`);
+  already divides the loss by the number of micro-steps, hence `scale_wrt_gas=False`).
+  DeepSpeed allows `overlap_comm` with it only at ZeRO-2, so stage 1 never overlaps;
+* the device: `distgan.device` picks it (`local_rank % device_count`, right under SLURM's
+  per-task GPU binding) and points LOCAL_RANK at it, which DeepSpeed's engine reads to set its
+  own device;
 * bf16: the engines hold bf16 weights (fp32 master copies inside the optimizer); floating inputs
   are cast to bf16 on the way in;
 * checkpoints: distgan's format, not DeepSpeed's pickles: the partitioned optimizer state and
@@ -31,6 +36,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +46,7 @@ from torch import nn
 from distgan.backends.base import AdamSpec, Backend, PhaseHandle, StepReport, resolve_precision, use_cpu
 from distgan.backends.zero_state import EngineOptimizerState
 from distgan.config import Config
+from distgan.device import apply_numerics, place_this_process, to_memory_format
 from distgan.distributed import discover, export_env
 from distgan.errors import ConfigError, WorldSizeError
 from distgan.gan.phases import Phase
@@ -115,16 +122,31 @@ def ds_config(cfg: Config, world_size: int, precision: str, cpu: bool) -> dict:
         "gradient_clipping": cfg.optim.grad_clip if stage > 0 or bf16 else 0.0,
         "steps_per_print": 10**12,
     }
-    if bf16:
-        # BatchNorm wants its running statistics in the weights' dtype (DeepSpeed keeps buffers fp32).
-        ours["data_types"] = {"buffer_dtype": "bf16"}
+    if precision in ("bf16", "fp16"):
+        # BatchNorm wants its running statistics in the weights' dtype (DeepSpeed keeps buffers fp32):
+        # else "expected scalar type Half/BFloat16 but found Float" at the first forward.
+        ours["data_types"] = {"buffer_dtype": precision}
     base = user_config(cfg)
     if stage > 0:
         zero = base.get("zero_optimization", {})
-        # Overlapping the reduction with the backward only pays on GPUs (side streams).
-        ours["zero_optimization"].update({"overlap_comm": False if cpu else zero.get("overlap_comm", True),
+        ours["zero_optimization"].update({"overlap_comm": _overlap_comm(cfg, stage, cpu, zero),
                                           "contiguous_gradients": zero.get("contiguous_gradients", True)})
     return _merge(base, ours)
+
+
+def _overlap_comm(cfg: Config, stage: int, cpu: bool, zero: dict) -> bool:
+    """Overlap the gradient reduction with the backward: on GPUs (side streams; nothing to gain on
+    the CPU), and only at ZeRO-2: with `managed_gradient_accumulation=false` DeepSpeed asserts
+    "overlap_comm only with ZeRO stage 2" at `deepspeed.initialize` for stage 1."""
+    asked = zero.get("overlap_comm", "auto")
+    if stage != 2 and asked is True:
+        path = cfg.dist.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        raise ConfigError(f"{path}: zero_optimization.overlap_comm=true needs ZeRO stage 2 (distgan steps each "
+                          f"engine itself, managed_gradient_accumulation=false); dist.zero_stage={stage}. Remove it "
+                          "or use dist.zero_stage=2.")
+    if stage != 2 or cpu:
+        return False
+    return True if asked == "auto" else bool(asked)
 
 
 class DeepSpeedBackend(Backend):
@@ -136,16 +158,15 @@ class DeepSpeedBackend(Backend):
         self.mixed_precision = resolve_precision(cfg)
         if cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed is imported
+        self.local_rank = info.local_rank
+        # Before NCCL starts (each rank's communicator on its own GPU) and before the engines
+        # read LOCAL_RANK to pick theirs; the flags before any model runs (cuBLAS workspace).
+        self.device = place_this_process(cpu, info.local_rank, info.local_world_size).device
+        apply_numerics(cfg.train.deterministic, cfg.dist.cudnn_benchmark)
         import deepspeed  # here, not at the top: 1-2 s, and it reads DS_ACCELERATOR when imported
 
         _skip_shm_comm_op()
         self._deepspeed = deepspeed
-        self.local_rank = info.local_rank
-        if cpu:
-            self.device = torch.device("cpu")
-        else:
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)  # before NCCL starts, so each rank uses its own GPU
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -163,7 +184,8 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ setup
     def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         for net, model in (("G", G), ("D", D)):
-            opt = optim[net].build(model.parameters())
+            to_memory_format(model, self.cfg.dist.channels_last)
+            opt = replace(optim[net], impl=self.cfg.optim.adam_impl).build(model.parameters())
             engine, *_ = self._deepspeed.initialize(model=model, optimizer=opt, config=dict(self._config))
             if self._own_sync:
                 engine.enable_backward_allreduce = False
@@ -218,11 +240,15 @@ class _EngineHandle(PhaseHandle):
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss, scale_wrt_gas=False)
 
+    def _syncs_by_hand(self) -> bool:
+        # fp32 ZeRO-0: the engines' own all-reduce is off (see setup), so every phase reduces here.
+        return self.backend._own_sync
+
     def _sync_and_norm(self, measure: bool) -> torch.Tensor | None:
         if not self.backend._own_sync:
             return None  # DeepSpeed reduces and clips inside engine.step
-        # fp32 ZeRO-0: the engines' own all-reduce is off (see setup), so every phase reduces here.
-        self.backend.all_reduce_grads(self.params)
+        if self._reducer is not None:
+            self._reducer.finish()  # the buckets went out during the last micro-batch's backward
         return self._norm(measure)
 
     def step(self, measure: bool) -> StepReport:
@@ -236,6 +262,8 @@ class _EngineHandle(PhaseHandle):
         return StepReport(norm, skipped)
 
     def discard(self) -> None:
+        if self._reducer is not None:
+            self._reducer.cancel()
         if hasattr(self._engine.optimizer, "zero_grad"):
             self._engine.optimizer.zero_grad()
         self._engine.zero_grad()

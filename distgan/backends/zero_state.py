@@ -18,6 +18,13 @@ partition map (`param._hp_mapping`, the map behind `deepspeed.utils.safe_get_ful
 stepped (its links to the state are made lazily at the first step), and a resume sets the
 state before that. Fp32 ZeRO-0 has no partitions: the torch optimizer holds the module's own
 parameters, and the generic `FullOptimizerState` serves it.
+
+ZeRO-0 in bf16/fp16 is the third layout: DeepSpeed wraps the torch optimizer in its unfused
+low-precision optimizer (`FP16_UnfusedOptimizer`), which hands the torch optimizer fp32 *copies*
+of the parameters (`fp32_groups`, in the order of the module's `fp16_groups`) and sets no
+`_hp_mapping`. Neither of the two maps above knows those copies (torch's state-dict helpers
+raised `KeyError: 0` on them), so `master_copies` pairs them with the module's names. They are
+whole and identical on every rank (ZeRO-0 replicates), so nothing is gathered.
 """
 
 from __future__ import annotations
@@ -37,6 +44,51 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def partitioned(module: nn.Module) -> bool:
     """Whether DeepSpeed holds this module's master weights and optimizer state in partitions."""
     return any(hasattr(p, "_hp_mapping") for p in module.parameters())
+
+
+def master_copies(module: nn.Module, zero_opt: Any) -> dict[str, torch.Tensor] | None:
+    """{parameter name: the fp32 copy the torch optimizer steps} of DeepSpeed's unfused bf16/fp16
+    optimizer (ZeRO-0 in low precision); None for any other wrapper."""
+    low, high = getattr(zero_opt, "fp16_groups", None), getattr(zero_opt, "fp32_groups", None)
+    if low is None or high is None or partitioned(module):
+        return None
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {names[id(lp)]: hp for lows, highs in zip(low, high) for lp, hp in zip(lows, highs)}
+
+
+def gather_copies(module: nn.Module, opt: torch.optim.Optimizer, masters: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`gather`'s layout from fp32 copies (`master_copies`): no collective, every rank holds all."""
+    state, fp32 = {}, {}
+    for name, _ in module.named_parameters():
+        if name not in masters:
+            continue  # frozen for good (no optimizer state, e.g. FreezeD)
+        hp = masters[name]
+        fp32[name] = hp.detach().cpu().clone()
+        if opt.state.get(hp):
+            state[name] = {k: (v.cpu().clone() if torch.is_tensor(v) else v) for k, v in opt.state[hp].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(fp32)} for g in opt.param_groups[:1]]
+    return {"state": state, "param_groups": groups, "fp32_params": fp32}
+
+
+def scatter_copies(opt: torch.optim.Optimizer, masters: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+    """Set the fp32 copies and their Adam state from a full state (`gather_copies`', or any backend's)."""
+    fp32, state = saved.get("fp32_params") or {}, saved.get("state", {})
+    with torch.no_grad():
+        for name, hp in masters.items():
+            if name in fp32:
+                hp.copy_(fp32[name].reshape(hp.shape))
+            if name in state:
+                opt.state[hp] = {k: (v.to(hp.device).clone() if k != "step" else _step(opt, v, hp.device))
+                                 for k, v in state[name].items()}
+    for saved_group, group in zip(saved.get("param_groups", []), opt.param_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def _step(opt: torch.optim.Optimizer, value: Any, device: torch.device) -> torch.Tensor:
+    """Adam's step count where torch's Adam keeps it: on the parameters' device for the fused and
+    capturable implementations (they read it in the kernel), on the CPU otherwise."""
+    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
+    return torch.as_tensor(value, dtype=torch.float32).to(device if on_device else "cpu").clone()
 
 
 def _flat(opt: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
@@ -105,7 +157,7 @@ def scatter(module: nn.Module, opt: torch.optim.Optimizer, zero_opt: Any, saved:
                 if k not in slot:
                     slot[k] = torch.zeros_like(flat)
                 slot[k].narrow(0, hp.start, hp.numel).copy_(state[name][k].reshape(-1).narrow(0, lp.start, lp.numel))
-            slot["step"] = torch.as_tensor(state[name]["step"], dtype=torch.float32).clone()
+            slot["step"] = _step(opt, state[name]["step"], flat.device)
     for saved_group, group in zip(saved.get("param_groups", []), opt.param_groups):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     # DeepSpeed links each parameter to its slice of the state after the first step; the state
@@ -118,18 +170,27 @@ class EngineOptimizerState(FullOptimizerState):
     """`optim_<net>.pt` for DeepSpeed engines: gathered from ZeRO partitions (or bf16 masters) with
     `gather`, re-partitioned for this world size with `scatter`."""
 
+    def _copies(self, net: str) -> dict[str, torch.Tensor] | None:
+        return master_copies(self.backend.module(net), self.backend._engines[net].optimizer)
+
+    def _plain(self) -> bool:
+        """fp32 ZeRO-0: the torch optimizer holds the module's own parameters."""
+        return not partitioned(self.backend.module("G")) and self._copies("G") is None
+
     def save(self, folder: Path) -> None:
         b = self.backend
-        if not partitioned(b.module("G")):
-            return super().save(folder)  # fp32 ZeRO-0: the torch optimizer holds the module's parameters
+        if self._plain():
+            return super().save(folder)
         for net in NETS:
-            state = gather(b.module(net), b.optimizer(net))  # a collective
+            copies = self._copies(net)
+            state = gather(b.module(net), b.optimizer(net)) if copies is None else \
+                gather_copies(b.module(net), b.optimizer(net), copies)  # gather: a collective
             if b.is_main:
                 write_optimizer(folder, net, state)
 
     def load(self, folder: Path) -> None:
         b = self.backend
-        if not partitioned(b.module("G")):
+        if self._plain():
             return super().load(folder)
         for net in NETS:
             saved = read_optimizer(folder, net)
@@ -142,4 +203,8 @@ class EngineOptimizerState(FullOptimizerState):
                 saved["fp32_params"] = {k: v.float() for k, v in read_weights(folder, net).items()}
             # Weights in the module itself too (in its dtype), so that they match the masters.
             load_fp32_params(b.module(net), saved["fp32_params"])
-            scatter(b.module(net), b.optimizer(net), b._engines[net].optimizer, saved)
+            copies = self._copies(net)
+            if copies is None:
+                scatter(b.module(net), b.optimizer(net), b._engines[net].optimizer, saved)
+            else:
+                scatter_copies(b.optimizer(net), copies, saved)

@@ -36,14 +36,16 @@ def data_overhead(cfg: Config, steps: int = 40, rounds: int = 3) -> dict:
 
 
 def data_throughput(cfg: Config, batches: int = 60) -> dict:
-    """Images per second of the stream alone, for 1 and 2 loader workers."""
+    """Images per second of the stream alone, for 1 and 2 loader workers, and the bytes of one
+    batch as it travels from the workers to the device (uint8 pixels, labels)."""
     out = {"benchmark": "data_throughput"}
     for workers in (1, 2):
         data_cfg = dataclasses.replace(cfg.data, workers=workers)
         stream = build_stream(data_cfg, cfg.train.seed, 0, 1)
         it = iter(stream)
         for _ in range(5):
-            next(it)
+            images, labels = next(it)
+        out["bytes_per_batch"] = sum(t.numel() * t.element_size() for t in (images, labels))
         start = time.perf_counter()
         n = sum(next(it)[0].shape[0] for _ in range(batches))
         out[f"img_per_s_{workers}_workers"] = n / (time.perf_counter() - start)

@@ -70,6 +70,10 @@ class Checkpointer:
         self._all_ok(lambda: self._write_parts(tmp, config), tmp)
         if self.on_parts_written is not None:
             self.on_parts_written(tmp)
+        # The other ranks wait in this stage's collective while the main process hashes, fsyncs
+        # and renames (and, in the stage before, writes the weights): unavoidable, since no rank
+        # may go on before the checkpoint is known to be whole, and bounded by the write time,
+        # which dist.timeout_s (default 1800 s) must exceed. The waiting ranks do no work there.
         self._all_ok(lambda: self._publish(tmp, final), tmp)
         return final
 

@@ -51,12 +51,16 @@ class TrainState:
     """Discriminator steps done (each a fresh real batch)."""
     nimg: int = 0
     """Real images shown to D, summed over ranks (kimg = nimg / 1000)."""
+    eval_owed: bool = False
+    """The evaluation due at this step was given up for a preemption: a run resumed from this
+    checkpoint runs it before training on (the final evaluation is not lost to a requeue)."""
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "d_step": self.d_step, "nimg": self.nimg}
+        return {"step": self.step, "d_step": self.d_step, "nimg": self.nimg, "eval_owed": int(self.eval_owed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.d_step, self.nimg = int(state["step"]), int(state["d_step"]), int(state["nimg"])
+        self.eval_owed = bool(state.get("eval_owed", 0))  # absent from checkpoints written before it existed
 
 
 @dataclass

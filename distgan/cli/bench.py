@@ -32,7 +32,8 @@ def bench_command(which: str, config: str | None, steps: int, rounds: int | None
 
     \b
     loop        distgan's trainer vs a plain PyTorch loop on the same in-memory batches: median ratio
-                (target <= 1.02) and ms per step added (target <= 1), with every round
+                (target <= 1.02) and ms per step added (target <= 1), with every round; per loop
+                img/s, sec/kimg and, on a GPU, peak memory (runs on the GPU when there is one)
     data        trainer fed by shards vs by the same batches in memory (target <= 1.05)
     throughput  the data stream alone, img/s with 1 and 2 loader workers
     scaling     2 processes vs 1 on CPU (efficiency, target >= 0.85), and optimizer-state bytes
@@ -44,6 +45,7 @@ def bench_command(which: str, config: str | None, steps: int, rounds: int | None
     \b
     Examples:
       distgan bench loop
+      distgan bench loop --config configs/r3gan-ffhq-64.yaml --steps 10 --rounds 3 dist.compile=true
       distgan bench all --steps 100 --rounds 5 data.batch_size=64
       OMP_NUM_THREADS=1 distgan bench data --config configs/default.yaml
       OMP_NUM_THREADS=1 distgan bench scaling --rounds 3

@@ -29,7 +29,11 @@ log = logging.getLogger("distgan")
 
 class DataStream(Protocol):
     """What the trainer needs of its data: endless (images, labels) batches of this rank, the
-    position in them, and counts of skipped samples. `data.stream.ImageStream` is the real one."""
+    position in them, and counts of skipped samples. `data.stream.ImageStream` is the real one.
+
+    Images are uint8 (N, C, H, W) pixels, which the trainer moves to the device and converts
+    there (`data.normalize.normalize_images`), or float images already in [-1, 1] (synthetic
+    streams of tests and benchmarks), which pass through unchanged."""
 
     info: Any
     """`DatasetInfo`: num_samples, resolution, channels, class_names, num_classes, source."""

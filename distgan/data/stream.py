@@ -1,4 +1,7 @@
-"""Training stream: webdataset shards -> batches of float32 NCHW images in [-1, 1] for one rank.
+"""Training stream: webdataset shards -> batches of uint8 NCHW images (0..255) for one rank.
+
+The images stay uint8 until the device (``data/normalize.py`` turns them into float32 in [-1, 1]
+there): a quarter of float32's bytes through the workers' shared memory, pinning and the copy.
 
 Epoch layout, and why it cannot hang DDP:
 
@@ -17,8 +20,13 @@ Epoch layout, and why it cannot hang DDP:
   (reshuffled) to fill its quota, so batch counts stay equal; a few samples then repeat. Skips are
   counted once; above ``max_skip_fraction`` of the epoch, or when a worker finds no readable
   sample at all, ``DataError`` is raised naming the shards, instead of waiting forever.
-- Workers tag each batch with (worker, batch index, skip events); the main process strips the
-  tags, logs/counts the skips and yields batches in one fixed order, whatever the timing.
+- Workers tag each batch with (epoch, worker, batch index, skip events); the main process strips
+  the tags, logs/counts the skips and yields batches in one fixed order, whatever the timing.
+- One DataLoader pass runs epoch after epoch: each worker starts its next epoch as soon as it has
+  handed over its last batch, so the prefetch queue stays full across epoch boundaries (no
+  restart of the worker iterators, no drain). A worker with fewer batches than the others in an
+  epoch sends empty padding items in its turns, which keeps the DataLoader's round robin aligned
+  with the epoch's batch order in every epoch. Only ``load_state_dict`` starts a new pass.
 
 Resume: ``state_dict`` holds (epoch, batches consumed). Shard order, shuffle buffers and flips are
 pure functions of (seed, epoch, rank, worker, pass), so each worker replays its shuffle and drops
@@ -238,24 +246,47 @@ class _ShardDataset(IterableDataset):
 
         return decode
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]]:
+        """Epoch after epoch from the shared position, without end: a new epoch starts in the
+        same worker while the trainer still consumes the last one, so the pipeline never drains
+        at an epoch boundary (the loader pass ends only when the stream restarts it)."""
         info = get_worker_info()
         w = info.id if info is not None else 0
         epoch, consumed = int(self.shared[0]), int(self.shared[1])
+        while True:
+            yield from self._epoch_batches(epoch, w, consumed)
+            epoch, consumed = epoch + 1, 0
+
+    def _epoch_batches(self, epoch: int, w: int, consumed: int):
+        """One epoch of worker w: uint8 image batches, with padding items that keep every worker
+        at the same number of items per epoch.
+
+        The DataLoader asks its workers in turn; a worker with one batch fewer than the others
+        (quotas differ by at most one), or one that a resume already took a batch from, yields a
+        padding item (no images, nothing decoded) in that turn, so the turns stay aligned with
+        `batch_order` in every epoch and the stream never holds more than a turn of batches."""
         quotas = worker_quotas(self.plan(epoch)[1], self.workers)
-        done = sum(1 for v, _ in batch_order(quotas)[:consumed] if v == w)
+        order = batch_order(quotas)
+        done = sum(1 for v, _ in order[:consumed] if v == w)
+        first_turn = consumed // len(quotas)  # turns every worker finished before the resume point
         span = sum(self.counts) if self.resampled else quotas[w] * self.bs
         ctx = _Ctx(limit=span + self.buf + 16)
         samples = itertools.islice(self._samples(epoch, w, quotas, ctx), done * self.bs, None)  # resume
         decoded = wds.map(self._decode(epoch, ctx), handler=ctx.decode_handler)(samples)
-        for r in range(done, quotas[w]):
+        for r in range(first_turn, max(quotas)):
+            meta = {"e": epoch, "w": w, "r": r, "events": ctx.pending}
+            if r < done or r >= quotas[w]:
+                ctx.pending = []
+                yield None, None, {**meta, "pad": True}
+                continue
             batch = list(itertools.islice(decoded, self.bs))
             if len(batch) < self.bs:  # the sources above are endless: this means a logic error
                 raise DataError(f"rank {self.rank} worker {w}: data ended after {r} of {quotas[w]} batches")
-            x = torch.from_numpy(np.stack([b[0] for b in batch])).float().div_(127.5).sub_(1.0)
+            # uint8 all the way to the device (data/normalize.py): a quarter of float32's bytes
+            # through shared memory, pinning and the host-to-device copy.
+            x = torch.from_numpy(np.stack([b[0] for b in batch]))
             y = torch.tensor([max(b[1], 0) for b in batch], dtype=torch.int64)
-            meta = {"w": w, "r": r, "events": ctx.pending}
-            ctx.pending = []
+            meta["events"], ctx.pending = ctx.pending, []
             yield x, y, meta
 
 
@@ -263,7 +294,8 @@ class _ShardDataset(IterableDataset):
 
 
 class ImageStream:
-    """Endless iterator of (images float32 (B,C,R,R) in [-1,1], labels int64 (B,)) for one rank.
+    """Endless iterator of (images uint8 (B,C,R,R) in 0..255, labels int64 (B,)) for one rank;
+    ``data.normalize.normalize_images`` makes them float32 in [-1, 1] on the device.
 
     Batches stay on the CPU (pinned when CUDA is available); do not pass this to
     ``accelerator.prepare``. One iterator at a time; call ``load_state_dict`` before iterating
@@ -292,45 +324,54 @@ class ImageStream:
                                   persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
                                   prefetch_factor=4 if self.workers else None,
                                   generator=torch.Generator().manual_seed(seed))  # leave the global RNG alone
-        self._epoch = self._consumed = self._skipped = self._epoch_skipped = self._generation = self._logged = 0
+        self._epoch = self._consumed = self._skipped = self._generation = self._logged = 0
+        self._epoch_skipped: Counter[int] = Counter()  # per epoch: workers run ahead into the next one
+        self.loader_passes = 0
+        """DataLoader passes started: 1 for a whole run, plus one per load_state_dict while iterating."""
         self._bad_shards: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             epoch, start = self._position()
-            if epoch != self._epoch:
-                self._epoch_skipped, self._segments = 0, []
-            self._epoch, self._consumed, generation = epoch, start, self._generation
-            self._shared[0], self._shared[1] = epoch, start
-            expected = iter(batch_order(worker_quotas(self._batches(), self.workers))[start:])
-            want, held = next(expected, None), {}
-            for x, y, meta in self._loader:  # a new loader pass per epoch: the workers re-read _shared
-                self._absorb(meta["events"], epoch)
-                held[(meta["w"], meta["r"])] = (x, y)
-                while want in held and self._generation == generation:  # fixed order, whatever the timing
+            self._shared[0], self._shared[1] = epoch, start  # where the workers of this pass begin
+            generation = self._generation
+            self.loader_passes += 1
+            batches = iter(self._loader)  # one pass runs epoch after epoch (_ShardDataset.__iter__)
+            held: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            while self._generation == generation:
+                if epoch != self._epoch:
+                    self._segments = []
+                    for old in [e for e in self._epoch_skipped if e < epoch]:
+                        del self._epoch_skipped[old]
+                self._epoch, self._consumed = epoch, start
+                for w, r in batch_order(worker_quotas(self._batches(), self.workers))[start:]:
+                    while (epoch, w, r) not in held:  # fixed order, whatever the timing
+                        x, y, meta = next(batches, (None, None, None))
+                        if meta is None:
+                            raise DataError(f"rank {self._rank}: the loader ended in epoch {epoch} after "
+                                            f"{self._consumed} of {self._batches()} batches")
+                        self._absorb(meta["events"], meta["e"])
+                        if not meta.get("pad"):
+                            held[(meta["e"], meta["w"], meta["r"])] = (x, y)
                     self._consumed += 1
-                    yield held.pop(want)
-                    want = next(expected, None)
-                if self._generation != generation:
-                    break  # load_state_dict was called: restart at the loaded position
-            else:
-                if want is not None:
-                    raise DataError(f"rank {self._rank}: epoch {epoch} ended after {self._consumed} of "
-                                    f"{self._batches()} batches")
+                    yield held.pop((epoch, w, r))
+                    if self._generation != generation:
+                        break  # load_state_dict was called: restart the pass at the loaded position
+                epoch, start = epoch + 1, 0
 
     def _absorb(self, events: list[tuple[str, str, str, int]], epoch: int) -> None:
         for shard, key, reason, count in events:
             self._skipped += count
-            self._epoch_skipped += count
+            self._epoch_skipped[epoch] += count
             self._bad_shards[shard] += count
             self._logged += 1
             if self._logged <= 50:  # a shard full of bad files must not flood the log
                 log.warning("skipped %d sample(s) of %s at %s: %s%s", count, shard, key, reason,
                             "; further skips are only counted (stats())" if self._logged == 50 else "")
-        if self._epoch_skipped > self._max_skip:
+        if self._epoch_skipped[epoch] > self._max_skip:
             per_epoch = self.batches_per_epoch * self._plan["batch_size"]
             shards = ", ".join(f"{s} ({n})" for s, n in self._bad_shards.most_common(10))
-            raise DataError(f"rank {self._rank}, epoch {epoch}: {self._epoch_skipped} samples skipped, more "
+            raise DataError(f"rank {self._rank}, epoch {epoch}: {self._epoch_skipped[epoch]} samples skipped, more "
                             f"than data.max_skip_fraction={self._max_skip_fraction:g} of the {per_epoch} samples "
                             f"per epoch. Shards with skipped samples: {shards}")
 
@@ -378,7 +419,8 @@ class ImageStream:
         if segments and self._batches() == 0:  # less than one global batch left: the epoch is done
             epoch, batches = epoch + 1, 0
             self._set_segments(epoch, [])
-        self._epoch, self._consumed, self._epoch_skipped = epoch, batches, 0
+        self._epoch, self._consumed = epoch, batches
+        self._epoch_skipped.clear()
         self._skipped = int(state.get("skipped", 0))
         self._generation += 1
 

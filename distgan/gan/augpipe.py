@@ -16,7 +16,9 @@ to the input. NVlabs' version also supersamples 2x with a wavelet filter around 
 step to reduce aliasing; that is left out here (a 4x cost on small CPU images).
 
 `p` may be a Python float (a constant or a schedule's current value) or a 0-d tensor on the
-device (adaptive `p` updated without host syncs).
+device (adaptive `p` updated without host syncs). Host syncs: none. A float `p` stays a Python
+scalar folded into the kernels (`rand < p`), never a tensor made from it (a host->device copy per
+call); the constant gray axis is made once per device and reused.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class AugmentPipe:
         self.p = p
         self.ops = frozenset(ops)
         self.generator = generator
+        self._luma: dict[torch.device, Tensor] = {}  # the gray axis per device, made once (no copy per call)
 
     def __call__(self, images: Tensor) -> Tensor:
         if isinstance(self.p, (int, float)) and self.p <= 0:
@@ -152,7 +155,7 @@ class AugmentPipe:
             m = m @ _scale2d(s, s)
         # Rotation is split around the anisotropic scaling (as NVlabs): each half applied with
         # 1 - sqrt(1 - p), so that "any rotation" happens with probability p.
-        p_rot = 1 - torch.sqrt(torch.clamp(1 - torch.as_tensor(self.p, device=dev, dtype=torch.float32), min=0))
+        p_rot = self._rotation_p()
         if "rotate" in ops:
             m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, p_rot))
         if "aniso" in ops:
@@ -168,13 +171,27 @@ class AugmentPipe:
         grid = F.affine_grid(m[:, :2, :], [n, x.shape[1], h, w], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
+    def _rotation_p(self) -> float | Tensor:
+        """1 - sqrt(1 - p): the probability of each of the two rotation halves. A float `p` gives a
+        float (folded into the gate's comparison), a device tensor a device tensor."""
+        if isinstance(self.p, Tensor):
+            return 1 - torch.sqrt(torch.clamp(1 - self.p.float(), min=0))
+        return 1 - math.sqrt(max(1 - float(self.p), 0.0))
+
+    def _gray_axis(self, device: torch.device) -> Tensor:
+        """The unit gray axis (1, 1, 1, 0) / sqrt(3) in homogeneous RGB, on `device`."""
+        luma = self._luma.get(device)
+        if luma is None:
+            luma = self._luma[device] = (torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)).to(device)
+        return luma
+
     # ------------------------------------------------------------------ color
     def _color(self, x: Tensor) -> Tensor:
         n, c = x.shape[:2]
         dev, ops = x.device, self.ops
         if not ({"brightness", "contrast", "lumaflip", "hue", "saturation"} & ops):
             return x
-        luma = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev) / math.sqrt(3)  # the gray axis
+        luma = self._gray_axis(dev)
         luma_outer = torch.outer(luma, luma)
         m = _eye(n, 4, dev)
         if "brightness" in ops:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +32,7 @@ from distgan.data.stream import build_stream, resolve_shards
 from distgan.errors import EvalError
 from distgan.metrics.extractors import resolve_inception_weights
 from distgan.metrics.fid import evaluate
+from distgan.preemption import first_pull_blocked
 from distgan.sampling import generate, load_generator
 
 log = logging.getLogger("distgan")
@@ -124,20 +125,30 @@ class TrainingEvaluator:
             return False
         return final or nimg // self.every_nimg > (nimg - images_since_last_check) // self.every_nimg
 
-    def run(self, G_ema, nimg: int) -> dict[str, Any]:
-        """Scores as a log row (eval/fid, eval/kid, ..., with the settings). Every rank calls it."""
+    def run(self, G_ema, nimg: int, interrupt: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Scores as a log row (eval/fid, eval/kid, ..., with the settings). Every rank calls it.
+
+        `interrupt` (this rank's preemption flag) is polled collectively every
+        `train.signal_check_every` batches; `distgan.preemption.Preempted` is raised on every rank
+        when any rank's flag is up, the evaluation given up."""
         b, ev = self.backend, self.cfg.eval
         start = time.perf_counter()
+        if b.is_main:
+            log.info("Evaluating the EMA generator at %.1f kimg: %d generated vs %d real images (%s)...", nimg / 1000,
+                     self.n, self.n, ev.extractor)
         # A fresh stream each time: the same real images at every evaluation (and no extra
         # workers between evaluations). On a cache hit it is never iterated.
         stream = build_stream(self.data, self.cfg.train.seed, b.rank, b.world_size)
         try:
+            # The stream's loader workers are forked with the preemption signals blocked (they must not
+            # die of a SIGTERM meant for their rank); the rank keeps receiving them while it evaluates.
             result = evaluate(
-                _ema_generate(G_ema, self.batch_size), self.z_dim, self.num_classes, stream, self.n,
+                _ema_generate(G_ema, self.batch_size), self.z_dim, self.num_classes, first_pull_blocked(stream), self.n,
                 extractor=ev.extractor, weights=self.weights, batch_size=ev.batch_size, seed=self.cfg.train.seed,
                 device=b.device, cache_dir=self.cache_dir,
                 real_id=real_id(self.data, self.cfg.train.seed, b.world_size, self.batch_size),
-                rank=b.rank, world_size=b.world_size, n_real_available=None, resolution=self.data.resolution)
+                rank=b.rank, world_size=b.world_size, n_real_available=None, resolution=self.data.resolution,
+                interrupt=interrupt, poll_every=self.cfg.train.signal_check_every)
         finally:
             stream.close()
         row = {f"{EVAL_PREFIX}{k}": v for k, v in result.items()}

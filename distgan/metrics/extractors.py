@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgan.device import exact_fp32
 from distgan.errors import EvalError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -250,6 +251,7 @@ class InceptionExtractor(nn.Module):
         # The cache key must change when the network or its preprocessing does.
         self.tag = f"{weights.name}:{weights.stat().st_size}:{self.resize}"
 
+    @exact_fp32()  # TF32 convolutions (PyTorch's default on Ampere+) move FID off the protocol
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = ((_to_rgb(images).float() + 1) * 127.5).clamp(0, 255).round()  # 8-bit levels
         if self.scripted:
@@ -283,6 +285,7 @@ class TinyExtractor(nn.Module):
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval().requires_grad_(False)
         self.tag = f"tiny-seed{seed}"
 
+    @exact_fp32()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(_to_rgb(images).float())
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,8 +27,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from distgan.data.normalize import normalize_images
 from distgan.metrics.extractors import EvalError, build_extractor
 from distgan.metrics.precision_recall import precision_recall
+from distgan.preemption import Preempted
 
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # the usual KID protocol (Binkowski et al.)
 
@@ -97,6 +99,15 @@ def _all_reduce(value: int, world_size: int, device: torch.device, op=dist.Reduc
     return int(t.item())
 
 
+def _all_reduce_many(values: list[int], world_size: int, device: torch.device) -> list[int]:
+    """The element-wise maximum of a few ints over ranks (one collective)."""
+    if not _distributed(world_size):
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def gather_features(local: torch.Tensor, per: int, n: int, world_size: int) -> torch.Tensor:
     """All shares in sample order: pad each to ``per`` rows (all_gather needs equal sizes), gather,
     drop the padding (it is all at the tail, see ``shard``)."""
@@ -115,32 +126,73 @@ def gather_features(local: torch.Tensor, per: int, n: int, world_size: int) -> t
 
 @torch.no_grad()
 def _featurize(extractor: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([extractor(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+    # Real batches come from the stream as uint8: normalised on the device, like the trainer's.
+    return torch.cat([extractor(normalize_images(images[i : i + batch_size].to(device)))
+                      for i in range(0, len(images), batch_size)])
 
 
-def _real_features(batches: Iterable, count: int, extractor: nn.Module, batch_size: int,
-                   device: torch.device) -> list[torch.Tensor]:
-    """Features of the first ``count`` real images; stops pulling batches once it has enough."""
-    out, got = [], 0
+def _take(batches: Iterable, count: int) -> Iterator[torch.Tensor]:
+    """The first ``count`` real images as batches; stops pulling batches once it has enough."""
+    got = 0
     if count == 0:
-        return out
+        return
     for batch in batches:
         if isinstance(batch, (tuple, list)):  # (images, labels) from a DataLoader
             batch = batch[0]
         batch = batch[: count - got]
-        out.append(_featurize(extractor, batch, batch_size, device))
+        yield batch
         got += len(batch)
         if got >= count:
-            break
-    return out
+            return
+
+
+def _polled(items: Iterable, interrupt: Callable[[], bool] | None, every: int, world_size: int,
+            device: torch.device) -> Iterator:
+    """Yield `items`; every `every` items all ranks ask each other whether any wants to stop
+    (`interrupt()`: a preemption signal or request) and raise `Preempted` together if one does.
+
+    The poll is a collective, so every rank must make the same number of them: a rank whose items
+    run out (shares differ by up to one batch) keeps joining the polls, without work, until
+    every rank's items have run out. One all-reduce of two ints per poll: cheap next to `every`
+    extractor passes."""
+    if interrupt is None:
+        yield from items
+        return
+    it, exhausted, i = iter(items), False, 0
+    while True:
+        if i % every == 0:
+            stop_any, busy_any = _all_reduce_many([int(interrupt()), int(not exhausted)], world_size, device)
+            if stop_any:
+                raise Preempted("evaluation given up for a preemption")
+            if not busy_any:
+                return
+        i += 1
+        if exhausted:
+            continue
+        item = next(it, _END)
+        if item is _END:
+            exhausted = True
+        else:
+            yield item
+
+
+_END = object()
+
+
+def _real_features(batches: Iterable, extractor: nn.Module, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    return [_featurize(extractor, batch, batch_size, device) for batch in batches]
+
+
+def _fake_batches(indices: range, batch_size: int) -> Iterator[range]:
+    return (range(lo, min(lo + batch_size, indices.stop)) for lo in range(indices.start, indices.stop, batch_size))
 
 
 @torch.no_grad()
-def _fake_features(generate: Callable, indices: range, z_dim: int, num_classes: int, seed: int,
-                   extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
+def _fake_features(generate: Callable, batches: Iterable[range], z_dim: int, num_classes: int, seed: int,
+                   extractor: nn.Module, device: torch.device) -> torch.Tensor:
     feats = [torch.zeros(0, extractor.num_features, device=device)]
-    for lo in range(indices.start, indices.stop, batch_size):
-        z, labels = latents(seed, range(lo, min(lo + batch_size, indices.stop)), z_dim, num_classes)
+    for batch in batches:
+        z, labels = latents(seed, batch, z_dim, num_classes)
         images = generate(z.to(device), None if labels is None else labels.to(device))
         feats.append(extractor(images.to(device)))
     return torch.cat(feats)
@@ -205,6 +257,8 @@ def evaluate(
     n_real_available: int | None = None,
     resolution: int | None = None,
     allow_download: bool | None = None,
+    interrupt: Callable[[], bool] | None = None,
+    poll_every: int = 5,
 ) -> dict:
     """FID/KID of ``generate`` (z, labels) -> images in [-1, 1] against n real images.
 
@@ -218,6 +272,10 @@ def evaluate(
     ``resolution`` is only used for that key; when None the first real batch is peeked (it is
     pulled from the stream even on a cache hit). Raises EvalError before any generation when
     fewer than n real images exist (``n_real_available`` or the streams running dry).
+
+    ``interrupt`` (this rank's "stop now?", e.g. a preemption flag) is asked every ``poll_every``
+    batches of the real and the generated pass, agreed over the ranks; when any rank says yes,
+    every rank raises `distgan.preemption.Preempted` at the same poll.
     """
     if n < 2:
         raise EvalError(f"n={n}: FID needs at least 2 samples")
@@ -249,7 +307,8 @@ def evaluate(
         if not _all_reduce(int(good), world_size, device, dist.ReduceOp.MIN):
             real = None
     if real is None:
-        local = _real_features(real_batches, len(indices), ext, batch_size, device)
+        local = _real_features(_polled(_take(real_batches, len(indices)), interrupt, poll_every, world_size, device),
+                               ext, batch_size, device)
         local = torch.cat(local) if local else torch.zeros(0, ext.num_features, device=device)
         missing = _all_reduce(len(indices) - len(local), world_size, device)
         if missing:  # every rank needs its full share: a short stream anywhere fails all ranks
@@ -260,10 +319,11 @@ def evaluate(
             _save_atomic(path, real, {"real_id": real_id, "resolution": str(resolution),
                                       "extractor": ext.name, "weights": ext.tag, "n": str(n)})
 
-    fake_local = _fake_features(generate, indices, z_dim, num_classes, seed, ext, batch_size, device)
+    fake_batches = _polled(_fake_batches(indices, batch_size), interrupt, poll_every, world_size, device)
+    fake_local = _fake_features(generate, fake_batches, z_dim, num_classes, seed, ext, device)
     fake = gather_features(fake_local, per, n, world_size)
     fid, kid, kid_std = scores(real, fake, seed)
-    precision, recall = precision_recall(real, fake)
+    precision, recall = precision_recall(real, fake, rank=rank, world_size=world_size)  # rows split over ranks
     return {"fid": fid, "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall,
             "n_real": len(real), "n_fake": len(fake),
             "resize": ext.resize, "extractor": ext.name}

@@ -28,3 +28,12 @@ def test_bench_loop_reports_median_ratio_difference_and_every_round():
         assert abs(r["diff_ms"] - (r["distgan_ms"] - r["plain_ms"])) < 1e-2
     assert report["ratio"] == statistics.median(r["ratio"] for r in rounds)
     assert report["diff_ms_per_step"] == statistics.median(r["diff_ms"] for r in rounds)
+    # Per loop over the timed rounds: throughput and seconds per kimg agree with the step times;
+    # memory is read only on a GPU (tests/gpu/test_benchmark.py), and this run is on the CPU.
+    assert report["device"] == "cpu" and report["precision"] == "no" and report["batch"] == 4
+    for loop in ("plain", "distgan"):
+        r = report[loop]
+        assert r["img_per_s"] > 0 and abs(r["sec_per_kimg"] * r["img_per_s"] - 1000) < 1, r
+        mean_ms = statistics.mean(x[f"{loop}_ms"] for x in rounds)
+        assert abs(report["images_per_step"] / (mean_ms / 1e3) - r["img_per_s"]) < 0.01 * r["img_per_s"], (r, mean_ms)
+        assert r["peak_mib"] is None and r["resident_mib"] is None

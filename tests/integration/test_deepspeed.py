@@ -1,10 +1,12 @@
 """DeepSpeed backend with real launchers on CPU (gloo): one engine per network at ZeRO stages 0, 1
 and 2. Ranks end with identical weights, the update equals one process with the whole global
-batch (stages 0 and 1, with accumulation and R1), and a checkpoint resumes exactly."""
+batch (stages 0 and 1, with accumulation and R1), and a checkpoint resumes exactly (bf16 at every
+stage). The GPU configs are built and initialized by DeepSpeed for real on CPU."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -48,17 +50,25 @@ def test_zero_matches_one_process_with_the_whole_batch(tmp_path, single_process_
     assert diff < 1e-6, f"ZeRO-{stage} with {split} differs from 1 process x batch 8 by {diff:g}"
 
 
-@pytest.fixture(scope="module")
-def zero2_bf16_run(tmp_path_factory, tiny_shards):
-    """ZeRO-2, bf16, R1 and accumulation, launched with launch/deepspeed-zero2.yaml as documented."""
-    tmp = tmp_path_factory.mktemp("zero2")
-    args = tiny_args(tmp / "run", "dist.backend=deepspeed", "dist.zero_stage=2", "dist.mixed_precision=bf16",
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda stage: f"zero{stage}")
+def zero2_bf16_run(request, tmp_path_factory, tiny_shards):
+    """bf16, R1 and accumulation at ZeRO stage 0, 1 and 2. Stages 1 and 2 are launched with
+    launch/deepspeed-zero{1,2}.yaml as documented; stage 0 (no accelerate yaml) with torchrun and
+    launch/ds_zero0.json. bf16 wraps Adam differently per stage: DeepSpeed's unfused optimizer
+    with fp32 copies at 0 (which once failed at the first checkpoint with KeyError: 0), the ZeRO
+    optimizer's partitions at 1 and 2."""
+    stage = request.param
+    tmp = tmp_path_factory.mktemp(f"zero{stage}")
+    args = tiny_args(tmp / "run", "dist.backend=deepspeed", f"dist.zero_stage={stage}", "dist.mixed_precision=bf16",
                      "loss.r1_gamma=0.5", "loss.r1_interval=2", "optim.accumulate=2", "train.ckpt_every=2",
                      source=tiny_shards)
-    cmd = accelerate_cmd(2, HARNESS, args)
-    # The documented command: the DeepSpeed accelerate config, with 2 CPU processes.
-    at = cmd.index("--multi_gpu")
-    cmd[at:at + 1] = ["--config_file", str(REPO / "launch" / "deepspeed-zero2.yaml")]
+    if stage == 0:
+        cmd = torchrun_cmd(2, HARNESS, args + [f"dist.deepspeed_config={REPO / 'launch' / 'ds_zero0.json'}"])
+    else:
+        cmd = accelerate_cmd(2, HARNESS, args)
+        # The documented command: the DeepSpeed accelerate config, with 2 CPU processes.
+        at = cmd.index("--multi_gpu")
+        cmd[at:at + 1] = ["--config_file", str(REPO / "launch" / f"deepspeed-zero{stage}.yaml")]
     result = launch(cmd, {"DISTGAN_TEST_DUMP": str(tmp / "dump")})
     assert result.returncode == 0, tail(result)
     return tmp, args
@@ -74,11 +84,12 @@ def test_zero2_bf16_ranks_stay_identical(zero2_bf16_run):
     assert not list(folder.glob("ds_*"))
     state = torch.load(folder / "optim_D.pt", weights_only=True)
     assert state["state"] and all(t.dtype == torch.float32 for t in state["fp32_params"].values())
+    assert set(state["state"]) == set(state["fp32_params"])  # every parameter by name, none positional
 
 
 def test_zero2_resume_from_a_checkpoint_is_exact(zero2_bf16_run, tmp_path):
-    """Resuming the run at step 2 (weights, each engine's partitioned optimizer state, RNG, data
-    position) ends at step 4 with exactly the weights of the uninterrupted run."""
+    """Resuming the run at step 2 (weights, each engine's optimizer state and fp32 masters, RNG,
+    data position) ends at step 4 with exactly the weights of the uninterrupted run."""
     tmp, args = zero2_bf16_run
     ckpt = tmp / "run" / "checkpoints" / "step-000000002"
     resumed = [a for a in args if not a.startswith("train.run_dir")] + [f"train.run_dir={tmp_path / 'run'}",
@@ -92,3 +103,74 @@ def test_zero2_resume_from_a_checkpoint_is_exact(zero2_bf16_run, tmp_path):
         differ = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differ, f"resumed run differs in {differ[:5]}"
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-000000004" / "state.json").read_text())["world_size"] == 2
+
+
+# Builds the DeepSpeed config of a GPU run (cpu=False) for every stage x precision, bare and merged
+# with launch/ds_zero<stage>.json, and has DeepSpeed initialize it and take one step, on CPU. The
+# config checks of `deepspeed.initialize` do not depend on the device; the one exception is its
+# fp16 capability query, which the CPU accelerator answers from mkldnn (False on CPUs without fp16
+# hardware), so it is answered True here to let the fp16 configs through the same checks.
+GPU_CONFIGS = r"""
+import itertools, json, os
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from distgan.backends.base import AdamSpec
+from distgan.backends.deepspeed import _skip_shm_comm_op, ds_config
+from distgan.config import load_config
+_skip_shm_comm_op()
+get_accelerator().is_fp16_supported = lambda: True
+results = {}
+for stage, precision, merged in itertools.product((0, 1, 2), ("no", "bf16", "fp16"), (False, True)):
+    args = ["dist.backend=deepspeed", f"dist.zero_stage={stage}", "data.batch_size=2", "optim.grad_clip=1.0"]
+    args += [f"dist.deepspeed_config=launch/ds_zero{stage}.json"] if merged else []
+    config = ds_config(load_config(None, args), 1, precision, cpu=False)
+    impl = "fused" if merged else "foreach"  # fused torch Adam under every wrapper too
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    key = f"zero{stage}-{precision}-{'json' if merged else 'bare'}"
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=AdamSpec(1e-3, (0.5, 0.99), impl).build(model.parameters()),
+                                          config=config)
+        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        engine.backward(engine(torch.randn(2, 4, dtype=dtype)).float().mean(), scale_wrt_gas=False)
+        engine.step()
+        results[key] = {"optimizer": type(engine.optimizer).__name__, "overlap_comm": config["zero_optimization"].get("overlap_comm")}
+    except Exception as e:
+        results[key] = {"error": f"{type(e).__name__}: {e}"[:400]}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_gpu_configs_pass_deepspeed_initialize():
+    """The GPU config of every stage and precision: ZeRO-1 once asked for overlap_comm, which
+    DeepSpeed refuses with managed_gradient_accumulation=false; fp16 once kept BatchNorm's
+    running statistics fp32 against fp16 weights."""
+    proc = subprocess.run([sys.executable, "-c", GPU_CONFIGS], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line is not None, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(line[len("RESULTS "):])
+    failed = {k: v["error"] for k, v in results.items() if "error" in v}
+    assert not failed, failed
+    assert len(results) == 18
+    for key, seen in results.items():
+        stage = int(key[4])
+        assert seen["overlap_comm"] is (True if stage == 2 else None if stage == 0 else False), key
+    assert results["zero0-bf16-bare"]["optimizer"] == "FP16_UnfusedOptimizer"  # the layout zero_state pairs by name
+
+
+def test_overlap_comm_at_stage_1_is_refused_with_the_file_named(tmp_path):
+    from distgan.backends.deepspeed import ds_config
+    from distgan.config import ConfigError, load_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
+    cfg = load_config(None, ["dist.backend=deepspeed", "dist.zero_stage=1", f"dist.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match=rf"{path}: zero_optimization.overlap_comm=true needs ZeRO stage 2"):
+        ds_config(cfg, 1, "bf16", cpu=False)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
+    cfg = load_config(None, ["dist.backend=deepspeed", "dist.zero_stage=2", f"dist.deepspeed_config={path}"])
+    assert ds_config(cfg, 1, "bf16", cpu=False)["zero_optimization"]["overlap_comm"] is False  # the file's choice

@@ -1,6 +1,7 @@
 """Two real gloo processes evaluate FID/KID of the same 51 samples (uneven split 26 + 25) and
 must match the single-process result; the real-feature cache and the too-few-images error
-must behave the same on every rank (no rank left hanging in a collective)."""
+must behave the same on every rank (no rank left hanging in a collective). Precision/recall,
+whose distance rows are split over the ranks, must equal the single-process counts exactly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from distgan.metrics import EvalError, evaluate
 from distgan.metrics.fid import latents, shard
+from distgan.metrics.precision_recall import precision_recall
 
 Z, N, CLASSES, WORLD = 16, 51, 3, 2
 
@@ -35,6 +37,12 @@ def real_data() -> torch.Tensor:
     """Real images: the same distribution as the generator, other samples (FID clearly > 0)."""
     z, labels = latents(1, range(N), Z, CLASSES)
     return toy_generator()(z, labels)
+
+
+def pr_features() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and fake feature sets that overlap partly (precision and recall strictly inside (0, 1))."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(70, 16, generator=g), torch.randn(61, 16, generator=g) * 0.7 + 0.4
 
 
 def stream(images: torch.Tensor, pulled: list, size: int = 10):
@@ -73,6 +81,8 @@ def _worker(rank: int, tmp: str) -> None:
         except EvalError as e:
             out["short"] = f"EvalError: {e}"
         out["short_generated"] = sum(calls)
+        # Blocks of 8 rows: 9 and 8 blocks dealt over the two ranks (rank 0 takes one more).
+        out["pr_split"] = precision_recall(*pr_features(), rank=rank, world_size=WORLD, rows_per_block=8)
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump(out, f)
     finally:
@@ -85,6 +95,7 @@ def test_two_process_fid_equals_one_process(tmp_path):
     single = evaluate(gen, Z, CLASSES, [data[i : i + 10] for i in range(0, N, 10)], N, extractor="tiny")
     assert single["fid"] > 1e-3 and single["n_real"] == single["n_fake"] == N
 
+    split_single = precision_recall(*pr_features(), rows_per_block=8)
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -99,4 +110,8 @@ def test_two_process_fid_equals_one_process(tmp_path):
         assert r["pulled_first"] == 3 and r["pulled_cached"] == 0  # second call: cache on all ranks
         assert r["generated"] == 2 * r["share"]
         assert r["short"].startswith("EvalError: too few real images") and r["short_generated"] == 0
+        for key in ("first", "cached"):
+            assert (r[key]["precision"], r[key]["recall"]) == (single["precision"], single["recall"])
+        assert tuple(r["pr_split"]) == split_single == precision_recall(*pr_features())
+    assert 0 < split_single[0] < 1 and 0 < split_single[1] < 1
     assert len(list((tmp_path / "cache").glob("real-tiny-*.safetensors"))) == 1

@@ -64,6 +64,11 @@ HOW: dict[str, tuple[str, str]] = {
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128":
         (SKIP, "downloads a CUDA build of torch; tests download nothing (tests/integration/test_packaging.py installs from local wheels)"),
     "distgan train": (RUN, TINY),
+    # README.md, GPU
+    "python3 -m venv .venv && . .venv/bin/activate": (SKIP, "makes a virtual environment; the tests run inside one already"),
+    'pip install -e ".[test]"': (MAPPED, "tests/integration/test_packaging.py installs the package with its extras from local wheels"),
+    "make test-gpu": (MAPPED, "needs a CUDA GPU; tests/unit/test_gpu_suite_cpu.py runs its checks' CPU half, and make test collects tests/gpu"),
+    "pytest -m gpu tests/gpu": (SKIP, "the GPU suite: without CUDA every test in it is skipped (make test collects it)"),
     "distgan train --config configs/resnet-64.yaml train.steps=20000": (RUN, TINY),
     "distgan train --dry-run": (RUN, TINY),
     "distgan train --help-config": (RUN, ""),
@@ -103,7 +108,7 @@ HOW: dict[str, tuple[str, str]] = {
     "distgan bench scaling": (RUN, BENCH),  # 1- and 2-process runs + the ZeRO/FSDP probe: ~1 min at this size
     # launch/README.md
     "python distgan/train.py": (RUN, TINY),
-    "accelerate launch --config_file launch/1gpu.yaml distgan/train.py": (RUN, TINY),
+    "accelerate launch --config_file launch/1gpu.yaml distgan/train.py dist.mixed_precision=auto": (RUN, TINY),
     "ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file launch/cpu-2proc.yaml distgan/train.py": (RUN, TWO),
     "ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
     "--mixed_precision no --dynamo_backend no distgan/train.py": (MAPPED, f"{DDP_2} launches exactly this command (tests/helpers/launch.py)"),
@@ -112,8 +117,8 @@ HOW: dict[str, tuple[str, str]] = {
     "ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m distgan.train": (RUN, TWO),
     "accelerate launch -m distgan.train": (RUN, TINY),
     "python -m distgan.train": (RUN, TINY),
-    "accelerate launch --config_file launch/8gpu.yaml distgan/train.py": (MAPPED, f"needs 8 GPUs; DDP on 2 CPU processes: {DDP_2}"),
-    "accelerate launch --config_file launch/fsdp-8gpu.yaml distgan/train.py dist.fsdp=true": (MAPPED, f"needs 8 GPUs; FSDP on 2 CPU processes: {FSDP_2}"),
+    "accelerate launch --config_file launch/8gpu.yaml distgan/train.py dist.mixed_precision=auto": (MAPPED, f"needs 8 GPUs; DDP on 2 CPU processes: {DDP_2}"),
+    "accelerate launch --config_file launch/fsdp-8gpu.yaml distgan/train.py dist.fsdp=true dist.mixed_precision=auto": (MAPPED, f"needs 8 GPUs; FSDP on 2 CPU processes: {FSDP_2}"),
     "accelerate launch --config_file launch/deepspeed-zero1.yaml distgan/train.py dist.backend=deepspeed dist.zero_stage=1":
         (MAPPED, f"the config starts 8 processes (8 GPUs); ZeRO-1 on 2 CPU processes: {DS_ZERO}"),
     "accelerate launch --config_file launch/deepspeed-zero2.yaml distgan/train.py dist.backend=deepspeed dist.zero_stage=2 "
@@ -122,7 +127,7 @@ HOW: dict[str, tuple[str, str]] = {
         (MAPPED, f"8 processes; the same torchrun launch at 2: {DS_ZERO}"),
     "deepspeed --num_gpus 8 distgan/train.py dist.backend=deepspeed dist.zero_stage=2": (SKIP, "needs 8 GPUs; the README says it is not tested here"),
     "accelerate launch --config_file launch/multinode.yaml --machine_rank $NODE_RANK --main_process_ip $HEAD "
-    "--main_process_port 29500 distgan/train.py": (MAPPED, f"needs several machines; slurm/train.sh runs this launch per node: {SLURM_2NODES}"),
+    "--main_process_port 29500 distgan/train.py dist.mixed_precision=auto": (MAPPED, f"needs several machines; slurm/train.sh runs this launch per node: {SLURM_2NODES}"),
     "sbatch --nodes 4 --gpus-per-node 8 slurm/train.sh": (MAPPED, f"needs 4 GPU nodes; 2 CPU nodes: {SLURM_2NODES}"),
     "srun --ntasks-per-node 8 python distgan/train.py":
         (MAPPED, "needs a SLURM allocation of 8 tasks; rank discovery from SLURM's variables: tests/integration/test_distributed.py::test_world_size_checks"),

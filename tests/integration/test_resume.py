@@ -133,11 +133,12 @@ def test_preempt_file_checkpoints_and_resumes_exactly(shards, tmp_path, tmp_path
     toucher.join()
     k = latest_step(tmp_path)
     assert k > 5 and verify(ckpt(tmp_path, k)) is None
-    assert f"preempted at step {k}" in (tmp_path / "PREEMPT").read_text()  # marker for wrappers
+    assert f"preempted at step {k}" in (tmp_path / "PREEMPTED").read_text()  # marker for wrappers
+    assert not (tmp_path / "PREEMPT").exists()  # the request was consumed
     assert not (tmp_path / "DONE").exists()
     steps = max(N, k + 2)
     assert train(shards, tmp_path, train__steps=steps) == "done"
-    assert not (tmp_path / "PREEMPT").exists() and (tmp_path / "DONE").read_text().strip() == str(steps)
+    assert not (tmp_path / "PREEMPTED").exists() and (tmp_path / "DONE").read_text().strip() == str(steps)
     assert_identical(ckpt(tmp_path, steps), reference(shards, tmp_path_factory, steps))
 
 
@@ -174,7 +175,7 @@ def test_two_processes_resume_after_signals_to_ranks(shards, tmp_path):
 def test_accelerate_launch_forwards_sigterm_and_reports_failure(shards, tmp_path):
     """SIGTERM to `accelerate launch` reaches both ranks (and their DataLoader workers, which must
     not crash the ranks); they checkpoint and exit 17, which the launcher reports as 1: wrappers
-    go by the DONE / PREEMPT markers."""
+    go by the DONE / PREEMPTED markers."""
     args = [f"{k}={v}" for k, v in overrides(shards, tmp_path, train__steps=400, dist__expect_world_size=2).items()]
     launcher = subprocess.Popen(
         [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -189,7 +190,7 @@ def test_accelerate_launch_forwards_sigterm_and_reports_failure(shards, tmp_path
     assert "Rank 0 received SIGTERM" in out and "Rank 1 received SIGTERM" in out, out[-3000:]
     assert "DataLoader worker" not in out, out[-3000:]
     assert f"checkpoint saved at step {k}" in out and verify(ckpt(tmp_path, k)) is None
-    assert "(SIGTERM)" in (tmp_path / "PREEMPT").read_text() and not (tmp_path / "DONE").exists()
+    assert "(SIGTERM)" in (tmp_path / "PREEMPTED").read_text() and not (tmp_path / "DONE").exists()
 
 
 # ---------------------------------------------------------------------------- faults

@@ -1,4 +1,5 @@
-"""Several ranks over uneven shards: equal batch counts (no DDP hang), disjoint data per epoch.
+"""Several ranks over uneven shards: equal batch counts (no DDP hang), disjoint data per epoch,
+and one loader pass over all epochs (the pipeline does not drain at an epoch boundary).
 
 Ranks are simulated by building one stream per rank (rank=r, world_size=2) in this process, each
 with real DataLoader worker processes: the same code path a real rank runs, since the stream takes
@@ -48,7 +49,7 @@ def write_uneven(folder: Path, sizes: list[int], res: int = 8) -> int:
 
 
 def ids(x: torch.Tensor) -> list[int]:
-    px = ((x[:, :2, 0, 0] + 1) * 127.5).round().long()
+    px = x[:, :2, 0, 0].long()  # uint8 pixels as stored
     return (px[:, 0] + 256 * px[:, 1]).tolist()
 
 
@@ -68,6 +69,7 @@ def run_ranks(folder: Path, world: int, epochs: int, **kw) -> list[list[list[int
                 assert all(x.shape == (3, 3, 8, 8) for x, _ in batches)
                 epochs_ids.append([i for x, _ in batches for i in ids(x)])
                 assert s.stats()["epoch"] == e + 1
+            assert s.loader_passes == 1  # every epoch from the same worker iterators: none restarted
             per_rank.append(epochs_ids)
         return per_rank
     finally:
@@ -75,17 +77,23 @@ def run_ranks(folder: Path, world: int, epochs: int, **kw) -> list[list[list[int
             s.close()
 
 
-@pytest.mark.parametrize("sizes", [[3, 11, 7, 2, 17], [19, 21]])  # 5 uneven shards; fewer shards than 2x2
-def test_two_ranks_equal_batches_disjoint_samples(tmp_path, sizes):
+@pytest.mark.parametrize("sizes,epochs", [
+    ([3, 11, 7, 2, 17], 2),  # 5 uneven shards
+    ([19, 21], 2),           # fewer shards than 2 ranks x 2 workers
+    ([3, 11, 7, 2, 7], 3),   # 30 = 2 ranks x 5 batches x 3: every sample once per epoch; quotas 3+2 (padding)
+])
+def test_two_ranks_equal_batches_disjoint_samples(tmp_path, sizes, epochs):
     total = write_uneven(tmp_path / "sh", sizes)
-    per_rank = run_ranks(tmp_path / "sh", world=2, epochs=2)
+    per_rank = run_ranks(tmp_path / "sh", world=2, epochs=epochs)
     expected = total // 6  # floor(N / (world * batch)) batches on every rank
-    for e in range(2):
+    for e in range(epochs):
         both = per_rank[0][e] + per_rank[1][e]
         assert len(per_rank[0][e]) == len(per_rank[1][e]) == expected * 3
         assert len(set(both)) == len(both) and set(both) <= set(range(total))  # nobody sees a sample twice
+        if total % 6 == 0:
+            assert sorted(both) == list(range(total))  # nothing dropped: each sample exactly once
     assert per_rank[0][0] != per_rank[0][1]  # the epoch reshuffles shards and samples
-    assert run_ranks(tmp_path / "sh", world=2, epochs=2) == per_rank  # deterministic from the seed
+    assert run_ranks(tmp_path / "sh", world=2, epochs=epochs) == per_rank  # deterministic from the seed
 
 
 def test_resampled_mode_equal_batches(tmp_path):

@@ -1,6 +1,6 @@
 """StyleGAN2-ADA end to end on 2 real processes (CPU, gloo): a tiny `stylegan2` with every part of
 the recipe on (mapping network, style mixing, lazy R1, the lazy path-length phase `Greg`, the bgc
-pipeline with ADA adapting p every D step) under DDP and under DeepSpeed ZeRO-2. Ranks end with
+pipeline with ADA adapting p every D step) under DDP (bf16 autocast) and under DeepSpeed ZeRO-2. Ranks end with
 identical weights, ADA's p is the same on every rank and moved, and a resume from the middle of
 the run ends bit-identical to the uninterrupted run, p and the path-length mean included."""
 
@@ -41,15 +41,21 @@ def _ada_p(folder: Path) -> list[torch.Tensor]:
     return [load_file(str(f))["ada/p"] for f in sorted(folder.glob("rank-*.safetensors"))]
 
 
+DDP_BF16 = ["dist.mixed_precision=bf16"]
+"""The DDP runs train under bf16 autocast with every block in it (`model.lowp_stages=0`, the
+default): the path-length phase then differentiates through ws that Accelerate's prepared forward
+would have copied out of the graph. (fp32 DDP with path length: tests/integration/test_gradient_scale.py.)"""
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_shards):
     tmp = tmp_path_factory.mktemp("sg2-ddp")
-    return tmp, _train(tmp, tiny_shards, "full")
+    return tmp, _train(tmp, tiny_shards, "full", *DDP_BF16)
 
 
 def test_ddp_ranks_identical_with_every_stylegan2_ada_part_on(ddp_run):
     tmp, dumps = ddp_run
-    assert [info["step"] for _, info in dumps] == [STEPS, STEPS]
+    assert [(info["step"], info["mixed_precision"]) for _, info in dumps] == [(STEPS, "bf16")] * 2
     assert_ranks_identical(dumps)  # w_avg and the const noise buffers included
     assert any(k.endswith("w_avg") for k in dumps[0][0])
     final = ckpt(tmp / "full", STEPS)
@@ -72,7 +78,7 @@ def test_ddp_ranks_identical_with_every_stylegan2_ada_part_on(ddp_run):
 
 def test_ddp_resume_in_the_middle_is_bit_identical(ddp_run, tiny_shards):
     tmp, full = ddp_run
-    resumed = _train(tmp, tiny_shards, "resumed", f"train.resume={ckpt(tmp / 'full', 3)}")
+    resumed = _train(tmp, tiny_shards, "resumed", *DDP_BF16, f"train.resume={ckpt(tmp / 'full', 3)}")
     assert_ranks_identical(resumed)
     differ = [k for k in full[0][0] if not torch.equal(full[0][0][k], resumed[0][0][k])]
     assert not differ, f"the resumed run differs in {differ[:5]}"

@@ -229,6 +229,8 @@ def test_train_sh_preemption_requeues_and_resumes_standin(slurm_cluster, tmp_pat
     assert {p.name for p in run_dir.glob("usr1-*")} == {"usr1-rank0-restart0", "usr1-rank1-restart0"}
     assert "restart count 0" in logs and "restart count 1" in logs
     assert "requeueing job" in logs and "run complete" in logs
+    # 8 CPUs (--cpus-per-task=8) for one CPU rank per node: one loader worker, passed to the trainer.
+    assert "cpus 8 per node, 8 per process: data.workers=1," in logs, logs
 
 
 STANDIN_STUCK = r"""

@@ -104,6 +104,8 @@ def test_sbatch_two_nodes_real_trainer(slurm_cluster, shards, tmp_path):
     assert state == "COMPLETED", f"{state}\n{logs}\n{slurm_cluster.logs(30)}"
     assert "world size 2 = 2 node(s) x 1 process(es)" in logs
     assert "2 process(es) on cpu" in logs and "run complete" in logs, logs
+    # The node's 8 CPUs (--cpus-per-task=8) for its one rank; the job's own settings win over the split.
+    assert "cpus 8 per node, 8 per process: data.workers as given, OMP_NUM_THREADS=1" in logs, logs
     check_final(run_dir, steps)
     assert (run_dir / "samples" / f"ema-{steps:09d}.png").is_file()
 
@@ -130,7 +132,7 @@ def test_sbatch_preempted_by_usr1_requeues_and_resumes(slurm_cluster, shards, tm
     assert f"Resumed from {ckpt(run_dir, k)} at step {k} " in logs, logs  # from the preemption checkpoint
     assert logs.count("Resumed from") == 1
     check_final(run_dir, target)
-    assert not (run_dir / "PREEMPT").exists()
+    assert not (run_dir / "PREEMPT").exists() and not (run_dir / "PREEMPTED").exists()  # request consumed, marker cleared
 
 
 def test_two_node_job_requeued_onto_one_node_resumes_on_the_other_world_size(slurm_cluster, shards, tmp_path):
@@ -184,4 +186,4 @@ def test_two_node_job_requeued_onto_one_node_resumes_on_the_other_world_size(slu
     # One row every log_every=2 steps across both runs, none repeated or lost, images seen continuous.
     assert [r["step"] for r in rows] == list(range(2, target + 1, 2)), [r["step"] for r in rows]
     assert all(abs(r["kimg"] - r["step"] * global_batch / 1000) < 1e-9 for r in rows), [(r["step"], r["kimg"]) for r in rows]
-    assert not (run_dir / "PREEMPT").exists()
+    assert not (run_dir / "PREEMPT").exists() and not (run_dir / "PREEMPTED").exists()  # request consumed, marker cleared

@@ -158,3 +158,16 @@ def test_yaml_words_stay_strings(tmp_path):
     cfg = load_config(write(tmp_path, "logging:\n  wandb: off\n"), ["train.resume=none", "data.hflip=false"])
     assert cfg.logging.wandb == "off" and cfg.train.resume == "none" and cfg.data.hflip is False
     assert load_config(None, ["logging.wandb=off"]).logging.wandb == "off"
+
+
+def test_device_policy_keys():
+    """The GPU policy keys: defaults that keep CPU runs as they were, and their rules."""
+    cfg = load_config()
+    assert (cfg.dist.cudnn_benchmark, cfg.dist.channels_last, cfg.train.deterministic, cfg.optim.adam_impl) == \
+        (True, False, False, "auto")
+    cfg = load_config(None, ["dist.mixed_precision=auto", "train.deterministic=true", "optim.adam_impl=loop",
+                             "dist.channels_last=true", "dist.cudnn_benchmark=false"])
+    assert (cfg.dist.mixed_precision, cfg.train.deterministic, cfg.optim.adam_impl) == ("auto", True, "loop")
+    with pytest.raises(ConfigError, match="optim.adam_impl.*Did you mean 'fused'"):
+        load_config(None, ["optim.adam_impl=fusd"])
+    assert "compute capability" in field_docs(type(cfg.dist))["mixed_precision"]

@@ -189,3 +189,13 @@ def test_inception_fid_on_64_vs_64_images():
     print(f"inception 64+64 images: {elapsed:.1f}s -> {r}")
     assert math.isfinite(r["fid"]) and math.isfinite(r["kid"]) and r["fid"] > 0
     assert (r["n_real"], r["n_fake"], r["resize"], r["extractor"]) == (64, 64, "tf1-bilinear-299", "inception")
+
+
+def test_uint8_real_batches_are_normalised_like_the_trainers():
+    """The training stream yields uint8 pixels: FID of those equals FID of the same pixels given
+    as floats in [-1, 1] (the real-feature path converts them with data.normalize, on the device)."""
+    pixels = ((real_images(toy_generator(), 64) + 1) * 127.5).round().to(torch.uint8)
+    as_float = pixels.float() / 127.5 - 1
+    from_uint8 = evaluate(noise, Z, 0, batches(pixels, 16), 64, extractor="tiny")
+    from_float = evaluate(noise, Z, 0, batches(as_float, 16), 64, extractor="tiny")
+    assert from_uint8 == from_float and from_uint8["fid"] > 1.0

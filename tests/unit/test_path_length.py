@@ -156,3 +156,48 @@ def test_accumulated_micro_batches_move_the_mean_like_one_batch():
         split.accumulate_gradients(phase, Handle(G), None, None, scale=0.5)
     split.end_phase(phase, Handle(G))
     assert split.pl_mean.item() == pytest.approx(whole.pl_mean.item(), rel=1e-6)
+
+
+def test_path_length_under_bf16_autocast_through_accelerate(tmp_path):
+    """StyleGAN2 with `model.lowp_stages=0` under bf16 through a real Accelerate backend: the
+    mapping network's ws come out in bf16, and Accelerate's prepared forward would hand back
+    `ws.float()`, a copy outside the images' graph ("One of the differentiated Tensors appears to
+    not have been used in the graph"). The phase handle serves the unwrapped forward instead, run
+    under the handle's autocast, so the gradient reaches the mapping network."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from distgan.backends.accelerate import AccelerateBackend
+    from distgan.backends.base import NETS, AdamSpec
+    from distgan.models import build_models
+
+    cfg = load_config(None, ["model.arch=stylegan2", "model.widths=[16,8,8]", "model.mapping_layers=2", "model.z_dim=16",
+                             "model.w_dim=16", "model.mbstd_group=2", "model.lowp_stages=0", "data.resolution=16",
+                             "data.batch_size=4", "dist.mixed_precision=bf16", "loss.pl_weight=2", "loss.pl_interval=1",
+                             "loss.pl_batch_shrink=1", f"train.run_dir={tmp_path}"])
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    backend = AccelerateBackend(cfg)
+    try:
+        assert backend.mixed_precision == "bf16"
+        torch.manual_seed(0)
+        G, D = build_models(cfg.model, 16, 3, 0)
+        backend.setup(G, D, {net: AdamSpec(1e-3, (0.0, 0.99)) for net in NETS})
+        phase = next(p for p in build_phases(cfg) if p.name == "Greg")
+        objective = GANObjective(cfg.loss, G.z_dim, 0, 4, backend.device)
+        objective.pl_mean.fill_(0.5)
+        h = backend.phase_handle(phase)
+        with h:
+            stats = objective.accumulate_gradients(phase, h, None, None, scale=1.0)
+            grads = {name: p.grad.detach().clone() for name, p in G.named_parameters() if p.grad is not None}
+            objective.end_phase(phase, h)
+            h.step(measure=False)
+            with torch.no_grad(), h.autocast():
+                images, ws = h.G(*objective.latents(4), return_ws=True)
+            assert images.dtype == ws.dtype == torch.bfloat16  # autocast on, outputs not copied to fp32
+    finally:
+        backend.close()
+    assert torch.isfinite(stats["pl_length"]).all() and (stats["pl_length"] > 0).all()
+    mapping = [g for name, g in grads.items() if name.startswith("mapping")]
+    assert mapping and all(torch.isfinite(g).all() for g in mapping)
+    assert any(g.abs().sum() > 0 for g in mapping), "the path-length gradient never reached the mapping network"
+    assert objective.pl_mean.item() != pytest.approx(0.5)

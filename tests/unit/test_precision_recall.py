@@ -31,3 +31,37 @@ def test_knn_radius_excludes_the_point_itself():
     assert knn_radii(x, k=3).tolist() == pytest.approx([6.0, 5.0, 3.0, 5.0, 9.0])
     with pytest.raises(ValueError, match="more than 3 samples"):
         knn_radii(x[:3])
+
+
+def _reference_radii(x: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x.double(), x.double()).kthvalue(4, dim=1).values  # float64, the previous method
+
+
+def _reference_coverage(manifold: torch.Tensor, probes: torch.Tensor) -> float:
+    d = torch.cdist(probes.double(), manifold.double())
+    return (d <= _reference_radii(manifold)[None]).any(dim=1).double().mean().item()
+
+
+def test_fp32_matches_the_float64_reference_radii_and_counts():
+    g = torch.Generator().manual_seed(3)
+    # Inception-like non-negative features with a large common offset: |x|^2 ~ 7000, the matmul
+    # form's worst case for cancellation unless the features are centred first.
+    real = torch.relu(torch.randn(600, 256, generator=g) * 0.8 + 0.2) + 5.0
+    fake = torch.relu(torch.randn(500, 256, generator=g) * 0.8 + 0.25) + 5.0
+    radii = knn_radii(real, rows_per_block=100)
+    assert radii.dtype == torch.float32
+    assert ((radii.double() - _reference_radii(real)).abs() / _reference_radii(real)).max() < 1e-5
+    precision, recall = precision_recall(real, fake, rows_per_block=100)
+    assert (precision, recall) == (_reference_coverage(real, fake), _reference_coverage(fake, real))
+    assert 0 < precision < 1 and 0 < recall < 1
+
+
+def test_matmul_precision_of_the_caller_is_restored():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # e.g. a run that enabled TF32/bf16 matmuls
+    try:
+        x = torch.randn(50, 8, generator=torch.Generator().manual_seed(4))
+        assert precision_recall(x, x + 0.01) == (1.0, 1.0)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
