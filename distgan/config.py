@@ -243,10 +243,10 @@ class TrainConfig:
     per-process batch and `optim.accumulate` are derived from it (`data.batch_size` is then
     the largest micro-batch a process runs). Unset: data.batch_size x accumulate x world size."""
     deterministic: bool = False
-    """Bitwise-repeatable GPU runs: deterministic algorithms only (an op without one raises and is
-    named; on CUDA that includes `loss.augment=bgc`'s grid_sample backward and r3gan's bilinear
-    upsampling backward), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic and its autotuner
-    off. Slower; for debugging and reproducibility checks."""
+    """Bitwise-repeatable GPU runs and resumes: deterministic algorithms only (an op without one
+    raises and is named; bgc's warp and r3gan's upsampling switch to deterministic equivalents),
+    CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic and its autotuner off. Slower; for
+    debugging and reproducibility checks (what is exact without it: launch/README.md)."""
 
 
 @dataclass

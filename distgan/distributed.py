@@ -11,7 +11,12 @@ and how a failure on one rank stops the others with a message that names it.
   `accelerate launch` command line: `--cpu --num_processes 2` silently starts ONE process).
 * `fail_fast()` wraps the training of every rank: a rank that raises posts its error in the
   rendezvous store before it exits; a rank whose collective then fails (peer gone, or
-  `dist.timeout_s` passed) raises `PeerFailureError` naming the failed rank.
+  `dist.timeout_s` passed) raises `PeerFailureError` naming the failed rank. That is gloo's
+  behaviour: under NCCL a timed-out collective makes the watchdog abort the process (SIGABRT,
+  TORCH_NCCL_ASYNC_ERROR_HANDLING), no `except` runs and nothing is named; hence the long
+  default timeout (1800 s), which must outlast any work one rank does while the others wait.
+* `cpu_share()` splits a node's SLURM CPU allocation between its ranks (loader workers and
+  threads per rank); slurm/train.sh asks it through `python -m distgan.distributed cpu-share`.
 """
 
 from __future__ import annotations

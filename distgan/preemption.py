@@ -36,6 +36,8 @@ from typing import Iterable, Iterator, TypeVar
 
 import torch
 
+from distgan.errors import DistganError
+
 log = logging.getLogger("distgan")
 T = TypeVar("T")
 
@@ -47,9 +49,17 @@ MARKER_PREFIX = "preempted at step"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-class Preempted(Exception):
+EXIT_PREEMPTED = 17
+"""Exit code after a preemption checkpoint: "saved, please requeue me" (slurm/train.sh)."""
+
+
+class Preempted(DistganError):
     """Every rank agreed to stop for a preemption in the middle of long collective work (an
-    evaluation); raised on all ranks together, so none is left waiting in a collective."""
+    evaluation); raised on all ranks together, so none is left waiting in a collective. The
+    trainer catches it and checkpoints; anywhere else it ends the process with EXIT_PREEMPTED."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "preempted"
 
 
 @contextlib.contextmanager
@@ -153,6 +163,15 @@ class PreemptionWatch:
             self.file.unlink(missing_ok=True)
         except OSError as e:  # the checkpoint matters more than the marker
             log.warning("Could not write %s: %s", self.marker, e)
+
+    def gave_up(self, step: int, what: str) -> None:
+        """All ranks gave up `what` (long collective work) at `step` for a preemption: say why
+        (the ranks that were asked), then write the marker."""
+        local = self.pending()
+        if local:
+            log.warning("Rank %d %s during %s at step %d: giving it up, checkpointing, then exiting for a requeue.",
+                        self.backend.rank, self.reason(), what, step)
+        self.stopping(step, local, during=f"during {what}")
 
     def reason(self) -> str:
         return f"received {self.signal_name}" if self.signalled else f"found {self.file}"

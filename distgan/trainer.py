@@ -36,14 +36,11 @@ from distgan.gan.objective import GANObjective, NoiseSource
 from distgan.gan.phases import REAL_FRESH, REAL_NONE, Phase, Schedule, build_phases
 from distgan.health import SPREAD_KEY, HealthMonitor, HealthThresholds, sample_spread
 from distgan.metrics.evaluation import TrainingEvaluator
-from distgan.preemption import Preempted, PreemptionWatch
+from distgan.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from distgan.sampling import fixed_latents, generate, grid_layout, save_grid
 from distgan.tracking import Tracker
 
 log = logging.getLogger("distgan")
-
-EXIT_PREEMPTED = 17
-"""Exit code after a preemption checkpoint: "saved, please requeue me" (slurm/train.sh)."""
 
 
 class TrainerHooks:
@@ -256,8 +253,7 @@ class Trainer:
                 self.out_of_time = self.backend.all_reduce_max(over).item() > 0
         final = st.step == cfg.train.steps or self.out_of_time
         if st.step % cfg.train.sample_every == 0 or final:
-            # Main process only, short (two grids of 64): the other ranks wait for it in the poll below.
-            self.write_samples()
+            self.write_samples()  # main process only, short: the others wait for it in the poll below
         preempted = self.preempt.requested(st.step)  # collective: all ranks agree
         eval_due = self.evaluator is not None and self.evaluator.due(st.nimg, st.nimg - nimg_before, final)
         # A final step with nothing left to evaluate is as quick to finish as to leave.
@@ -268,54 +264,42 @@ class Trainer:
         if leaving:
             log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
             return False
-        if eval_due:
-            try:
-                self._timed_evaluation()
-            except Preempted:  # raised on every rank at the same poll
-                return self._leave_mid_evaluation(saved=False)
-        return True
+        return not eval_due or self._evaluate_or_leave()
 
-    def _timed_evaluation(self) -> None:
-        # Isolated RNG: must not change what training draws next. No signal block here: the
-        # evaluation polls the preemption flag, and its loader workers are protected on their own.
-        with isolated_rng():
-            seconds = self.evaluate()  # collective; its time is kept out of img/s
+    def _evaluate_or_leave(self, owed: bool = False) -> bool:
+        """Evaluate (a collective; in its own RNG, so training draws the same next; its time kept
+        out of img/s). False when all ranks gave it up for a preemption: the step's checkpoint then
+        owes it, and the resumed run runs it first. No signal block around it: it polls the flag,
+        and its loader workers are protected on their own."""
+        try:
+            with isolated_rng():
+                seconds = self.evaluate()
+        except Preempted:  # raised on every rank at the same poll
+            self.preempt.gave_up(self.state.step, "the evaluation")
+            if not owed:  # (an owed one: the checkpoint resumed from still owes it)
+                self.state.eval_owed = True
+                self.save()  # again if this step was saved before the evaluation: now it owes it
+            log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", self.state.step,
+                        EXIT_PREEMPTED)
+            return False
         start, nimg, step = self._window
         self._window = (start + seconds, nimg, step)
-
-    def evaluate_owed(self) -> bool:
-        """Run the evaluation that a preemption took from the checkpoint's step (resumed runs only).
-        False when a preemption stops this one too."""
-        st = self.state
-        if not st.eval_owed:
-            return True
-        if self.evaluator is None:  # evaluation switched off since: nothing is owed any more
-            st.eval_owed = False
-            return True
-        log.info("Running the evaluation of step %d that a preemption interrupted.", st.step)
-        st.eval_owed = False  # what any checkpoint written from here on (a new best, below) says
-        try:
-            self._timed_evaluation()
-        except Preempted:
-            st.eval_owed = True
-            return self._leave_mid_evaluation(saved=True)  # the checkpoint resumed from still owes it
-        if st.step >= self.cfg.train.steps and self._saved_step != st.step:
-            self.save()  # no later checkpoint will say it was done
         return True
 
-    def _leave_mid_evaluation(self, saved: bool) -> bool:
-        """Every rank gave up the evaluation of this step for a preemption: checkpoint (the
-        evaluation marked as owed, so the resumed run runs it first) and leave."""
-        st, watch = self.state, self.preempt
-        if watch.pending():
-            log.warning("Rank %d %s during the evaluation at step %d: giving it up, checkpointing, then exiting "
-                        "for a requeue.", self.backend.rank, watch.reason(), st.step)
-        watch.stopping(st.step, watch.pending(), during="during the evaluation")
-        if not saved:
+    def evaluate_owed(self) -> bool:
+        """First thing after a resume: the evaluation a preemption took from the checkpoint's step.
+        False when a preemption stops it again."""
+        st = self.state
+        owed, st.eval_owed = st.eval_owed and self.evaluator is not None, False  # what checkpoints say from now on
+        if not owed:
+            return True
+        log.info("Running the evaluation of step %d that a preemption interrupted.", st.step)
+        if not self._evaluate_or_leave(owed=True):
             st.eval_owed = True
-            self.save()  # again if this step was saved before the evaluation: now it owes the evaluation
-        log.warning("Preemption requested: checkpoint saved at step %d; exiting with code %d.", st.step, EXIT_PREEMPTED)
-        return False
+            return False
+        if st.step >= self.cfg.train.steps and self._saved_step != st.step:
+            self.save()  # no later checkpoint will say that it was done
+        return True
 
     def finish(self, status: str) -> None:
         """Stop the data thread, the progress bar and the tracker; mark a completed run DONE."""

@@ -24,7 +24,8 @@ The route DeepSpeed's GAN tutorial takes, with what was found to work on this st
 * checkpoints: distgan's format, not DeepSpeed's pickles: the partitioned optimizer state and
   fp32 masters are gathered into `optim_G.pt` / `optim_D.pt` keyed by parameter name (see
   `zero_state.py`), so that a DeepSpeed checkpoint resumes under any backend and world size, and
-  any backend's checkpoint resumes here.
+  any backend's checkpoint resumes here. fp16's dynamic loss scale (scale, counters,
+  hysteresis) goes into the backend's state (`state_dict`), so a resumed fp16 run is exact.
 
 ZeRO-3 is refused (`check_combination`): its partitioned parameters cannot be used through
 the raw module of the frozen network.
@@ -38,7 +39,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -149,6 +150,46 @@ def _overlap_comm(cfg: Config, stage: int, cpu: bool, zero: dict) -> bool:
     return True if asked == "auto" else bool(asked)
 
 
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""The fp16 dynamic loss scaler's state: the scale, its iteration counter, the iteration of the
+last overflow (the scale grows again `scale_window` iterations after it) and the overflows still
+tolerated before the scale halves (`hysteresis`; ZeRO-1/2's scaler only)."""
+
+
+def dynamic_loss_scaler(zero_opt: Any) -> Any | None:
+    """What holds an fp16 engine's dynamic loss scale: ZeRO-1/2's optimizer keeps a
+    `DynamicLossScaler` in `loss_scaler`; ZeRO-0's fp16 optimizers (`FP16_Optimizer`,
+    `FP16_UnfusedOptimizer`) keep a `LossScaleConfig` in `loss_scale_config`. None where no scale
+    changes during training (fp32, bf16, a static `loss_scale`)."""
+    scaler = getattr(zero_opt, "loss_scaler", None)
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        return scaler
+    config = getattr(zero_opt, "loss_scale_config", None)
+    if config is not None and getattr(config, "dynamic_loss_scale", False):
+        return config
+    return None
+
+
+def loss_scale_state(zero_opt: Any) -> dict[str, Any] | None:
+    """The dynamic loss scaler's fields (plain numbers, for state.json), or None without one."""
+    scaler = dynamic_loss_scaler(zero_opt)
+    if scaler is None:
+        return None
+    return {name: getattr(scaler, name) for name in LOSS_SCALE_FIELDS if hasattr(scaler, name)}
+
+
+def load_loss_scale_state(zero_opt: Any, state: dict[str, Any]) -> None:
+    """Restore `loss_scale_state`. Nothing to do when this engine scales nothing (the run resumed
+    in bf16 or fp32); a field this scaler lacks (hysteresis, saved under ZeRO-1/2 and resumed at
+    ZeRO-0) is skipped."""
+    scaler = dynamic_loss_scaler(zero_opt)
+    if scaler is None:
+        return
+    for name in LOSS_SCALE_FIELDS:
+        if name in state and hasattr(scaler, name):
+            setattr(scaler, name, float(state[name]) if name == "cur_scale" else int(state[name]))
+
+
 class DeepSpeedBackend(Backend):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -218,6 +259,21 @@ class DeepSpeedBackend(Backend):
         if self._dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self._dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adds each fp16 engine's dynamic loss scale (`loss_scale_state`): without it a resumed
+        fp16 run restarts from the initial scale (2^16 or the config's) and is not exact."""
+        state = super().state_dict()
+        scales = {net: s for net, engine in self._engines.items() if (s := loss_scale_state(engine.optimizer)) is not None}
+        if scales:
+            state["loss_scale"] = scales
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for net, saved in state.get("loss_scale", {}).items():
+            if net in self._engines:
+                load_loss_scale_state(self._engines[net].optimizer, saved)
 
     def close(self) -> None:
         if torch.distributed.is_initialized():

@@ -44,12 +44,13 @@ class BucketedGradReducer:
     """Averages the gradients of `params` over the ranks of the default process group."""
 
     def __init__(self, params: list[nn.Parameter], world_size: int, bucket_bytes: int = BUCKET_BYTES):
+        params = list(params)
         self.world_size = world_size
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, int] = {}  # id(param) -> its bucket's index
         open_buckets: dict[tuple, list[nn.Parameter]] = {}  # the bucket being filled, per (dtype, device)
         sizes: dict[tuple, int] = {}
-        for p in reversed(list(params)):
+        for p in reversed(params):
             key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
             if key in open_buckets and sizes[key] + nbytes > bucket_bytes:
                 self._close(open_buckets.pop(key))
@@ -63,7 +64,8 @@ class BucketedGradReducer:
         self._armed = False
         self.launched_in_backward = 0
         """Buckets of the last sync launched from the hooks, while the backward ran (not by `finish`)."""
-        self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in params]
+        self._params = params
+        self._hooks: list | None = None  # registered at the first `arm`: only a trainable tensor takes one
 
     def _close(self, group: list[nn.Parameter]) -> None:
         for p in group:
@@ -71,7 +73,10 @@ class BucketedGradReducer:
         self.buckets.append(_Bucket(group))
 
     def arm(self) -> None:
-        """The next backward is the last of the accumulation: reduce as its gradients arrive."""
+        """The next backward is the last of the accumulation: reduce as its gradients arrive.
+        Called while the network trains (requires_grad on; the frozen one may be built earlier)."""
+        if self._hooks is None:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in self._params]
         for bucket in self.buckets:
             bucket.ready, bucket.work, bucket.flat = 0, None, None
         self._next, self._armed, self.launched_in_backward = 0, True, 0
@@ -127,8 +132,9 @@ class BucketedGradReducer:
         self._armed = False
 
     def remove(self) -> None:
-        for hook in self._hooks:
+        for hook in self._hooks or ():
             hook.remove()
+        self._hooks = None
 
 
 __all__ = ["BUCKET_BYTES", "BucketedGradReducer"]

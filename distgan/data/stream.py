@@ -257,7 +257,7 @@ class _ShardDataset(IterableDataset):
             yield from self._epoch_batches(epoch, w, consumed)
             epoch, consumed = epoch + 1, 0
 
-    def _epoch_batches(self, epoch: int, w: int, consumed: int):
+    def _epoch_batches(self, epoch: int, w: int, consumed: int) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
         """One epoch of worker w: uint8 image batches, with padding items that keep every worker
         at the same number of items per epoch.
 
@@ -266,8 +266,7 @@ class _ShardDataset(IterableDataset):
         padding item (no images, nothing decoded) in that turn, so the turns stay aligned with
         `batch_order` in every epoch and the stream never holds more than a turn of batches."""
         quotas = worker_quotas(self.plan(epoch)[1], self.workers)
-        order = batch_order(quotas)
-        done = sum(1 for v, _ in order[:consumed] if v == w)
+        done = sum(1 for v, _ in batch_order(quotas)[:consumed] if v == w)
         first_turn = consumed // len(quotas)  # turns every worker finished before the resume point
         span = sum(self.counts) if self.resampled else quotas[w] * self.bs
         ctx = _Ctx(limit=span + self.buf + 16)

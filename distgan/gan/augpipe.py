@@ -10,10 +10,12 @@ the clean data distribution ("non-leaking" augmentations).
 
 Implementation: every geometric op is a 3x3 matrix in normalized image coordinates; the product
 of the ops drawn for a sample maps output pixels to input positions, sampled once with
-`grid_sample` (bilinear, reflection padding). The color ops compose into one 4x4 matrix on
-homogeneous RGB. Two batched kernels per call, no per-sample loop, no custom ops, gradients flow
-to the input. NVlabs' version also supersamples 2x with a wavelet filter around the geometric
-step to reduce aliasing; that is left out here (a 4x cost on small CPU images).
+`grid_sample` (bilinear, reflection padding; under `train.deterministic=true` its gather-based
+equivalent in `distgan.gan.sampler`, whose CUDA backward is deterministic). The color ops compose
+into one 4x4 matrix on homogeneous RGB. Two batched kernels per call, no per-sample loop, no
+custom ops, gradients flow to the input. NVlabs' version also supersamples 2x with a wavelet
+filter around the geometric step to reduce aliasing; that is left out here (a 4x cost on small
+CPU images).
 
 `p` may be a Python float (a constant or a schedule's current value) or a 0-d tensor on the
 device (adaptive `p` updated without host syncs). Host syncs: none. A float `p` stays a Python
@@ -28,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from distgan.gan.sampler import sample
 
 # Strengths as in NVlabs' AugmentPipe defaults.
 XINT_MAX = 0.125  # integer translation, fraction of the image side
@@ -169,7 +173,7 @@ class AugmentPipe:
         if not ({"xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac"} & ops):
             return x
         grid = F.affine_grid(m[:, :2, :], [n, x.shape[1], h, w], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return sample(x, grid)  # grid_sample, or its deterministic twin under deterministic algorithms
 
     def _rotation_p(self) -> float | Tensor:
         """1 - sqrt(1 - p): the probability of each of the two rotation halves. A float `p` gives a

@@ -110,6 +110,28 @@ def _blur121(x: Tensor) -> Tensor:
     return (x[..., :-2] + 2 * x[..., 1:-1] + x[..., 2:]) / 4
 
 
+def _upsample2x_linear(x: Tensor, dim: int) -> Tensor:
+    """2x linear upsampling along `dim` at half-pixel centers with replicated edges: output 2i is
+    x[i-1]/4 + 3x[i]/4, output 2i+1 is 3x[i]/4 + x[i+1]/4."""
+    size = x.shape[dim]
+    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, size - 1)], dim)
+    after = torch.cat([x.narrow(dim, 1, size - 1), x.narrow(dim, size - 1, 1)], dim)
+    even, odd = 0.25 * before + 0.75 * x, 0.75 * x + 0.25 * after
+    return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+
+
+def upsample2x_bilinear(x: Tensor) -> Tensor:
+    """`F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)`, as shifted adds.
+
+    Under `torch.use_deterministic_algorithms(True)` (train.deterministic=true) the CUDA backward
+    of bilinear interpolation raises (it accumulates with atomic adds); the backward of these
+    slices, concatenations and sums is deterministic everywhere. F.interpolate stays the fast
+    path otherwise (one kernel)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return _upsample2x_linear(_upsample2x_linear(x, x.dim() - 1), x.dim() - 2)
+
+
 class Upsample(nn.Module):
     """Channels changed by a 1x1 conv at the low resolution, then 2x upsampling by the
     [1,3,3,1]/4 filter (R3GAN's [1,2,1] filter convolved with the [1,1] hold), which is exactly
@@ -121,7 +143,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x) if self.proj is not None else x
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return upsample2x_bilinear(x)
 
 
 class Downsample(nn.Module):

@@ -56,12 +56,12 @@ def test_fp32_matches_the_float64_reference_radii_and_counts():
     assert 0 < precision < 1 and 0 < recall < 1
 
 
-def test_matmul_precision_of_the_caller_is_restored():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")  # e.g. a run that enabled TF32/bf16 matmuls
+def test_tf32_setting_of_the_caller_is_restored():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a run with TF32 matmuls has set
     try:
         x = torch.randn(50, 8, generator=torch.Generator().manual_seed(4))
         assert precision_recall(x, x + 0.01) == (1.0, 1.0)
-        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.backends.cuda.matmul.allow_tf32  # off only inside (device.exact_fp32)
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -154,3 +154,16 @@ def test_polled_agrees_over_ranks_with_unequal_shares(tmp_path, stop_on):
         assert results == {0: ([0, 1, 2], True), 1: ([0, 1, 2], True)}
     else:  # rank 0's flag from its 6th item, after rank 1 ran out (5 items): the poll before item 6
         assert results == {0: (list(range(6)), True), 1: (list(range(5)), True)}
+
+
+def test_train_state_owes_an_evaluation_only_when_the_checkpoint_says_so():
+    """Checkpoints written before `eval_owed` existed load as owing nothing; the flag round-trips."""
+    from distgan.checkpoint import TrainState
+
+    old = TrainState()
+    old.load_state_dict({"step": 40, "d_step": 40, "nimg": 320})
+    assert (old.step, old.nimg, old.eval_owed) == (40, 320, False)
+    owed = TrainState(step=4, d_step=4, nimg=32, eval_owed=True)
+    again = TrainState()
+    again.load_state_dict(owed.state_dict())
+    assert again == owed
