@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -85,7 +84,6 @@ class AccelerateBackend(Backend):
     def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         self._plain = {"G": G, "D": D}
         G, D = (to_memory_format(m, self.cfg.dist.channels_last) for m in (G, D))
-        optim = {net: replace(spec, impl=self.cfg.optim.adam_impl) for net, spec in optim.items()}
         G_w, D_w, opt_G, opt_D = self._accelerator.prepare(G, D, optim["G"].build(G.parameters()),
                                                             optim["D"].build(D.parameters()))
         self._wrapped = {"G": G_w, "D": D_w}

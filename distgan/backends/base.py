@@ -241,6 +241,7 @@ class Backend(ABC):
         self._trainable: str | None = None
         self._switchable: dict[str, list[nn.Parameter]] = {}
         self._handles: dict[Phase, PhaseHandle] = {}
+        self._grad_reducers: dict[str, BucketedGradReducer] = {}
 
     @property
     def is_main(self) -> bool:
@@ -324,10 +325,9 @@ class Backend(ABC):
         its hand-synced phases: each arms it for its own last micro-batch); None in one process."""
         if self.world_size == 1:
             return None
-        reducers = self.__dict__.setdefault("_grad_reducers", {})
-        if net not in reducers:
-            reducers[net] = BucketedGradReducer(params, self.world_size)
-        return reducers[net]
+        if net not in self._grad_reducers:
+            self._grad_reducers[net] = BucketedGradReducer(params, self.world_size)
+        return self._grad_reducers[net]
 
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
         """Average gradients across ranks with one flat all-reduce per dtype, after the backward (the

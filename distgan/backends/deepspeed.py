@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -226,7 +225,7 @@ class DeepSpeedBackend(Backend):
     def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         for net, model in (("G", G), ("D", D)):
             to_memory_format(model, self.cfg.dist.channels_last)
-            opt = replace(optim[net], impl=self.cfg.optim.adam_impl).build(model.parameters())
+            opt = optim[net].build(model.parameters())
             engine, *_ = self._deepspeed.initialize(model=model, optimizer=opt, config=dict(self._config))
             if self._own_sync:
                 engine.enable_backward_allreduce = False

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ class FSDPBackend(Backend):
                                                  timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.mixed_precision = str(acc.mixed_precision)
         self.grad_clip = cfg.optim.grad_clip
-        self._channels_last, self._adam_impl = cfg.dist.channels_last, cfg.optim.adam_impl
+        self._channels_last = cfg.dist.channels_last
         self.optimizer_state = _ShardedOptimizerState(self)
         self._replica: dict[str, nn.Module] = {}
         self._sharded: dict[str, nn.Module] = {}
@@ -70,7 +69,7 @@ class FSDPBackend(Backend):
             to_memory_format(model, self._channels_last)
             self._replica[net] = copy.deepcopy(model)
             fully_shard(model, mp_policy=policy)
-            self._opts[net] = replace(optim[net], impl=self._adam_impl).build(model.parameters())
+            self._opts[net] = optim[net].build(model.parameters())
             self._sharded[net] = model
 
     def module(self, net: str) -> nn.Module:

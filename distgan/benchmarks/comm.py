@@ -40,7 +40,8 @@ class CommCount:
     payload: dict[str, float]
     """Bytes per generator step reduced (the gradients of the trained networks), by mode."""
     overlappable_fraction: float
-    """Share of the DDP payload whose all-reduce can overlap a backward (single-backward phases)."""
+    """Share of the DDP payload whose all-reduce can overlap a backward (every phase's gradients;
+    G's buffer broadcast after the step does not)."""
 
 
 def count(cfg: Config) -> CommCount:
@@ -55,7 +56,9 @@ def count(cfg: Config) -> CommCount:
             runs[phase.name] = runs.get(phase.name, 0) + 1 / WINDOW
             grads = 4 * params[phase.net] / WINDOW
             reduce_bytes += grads
-            overlap += 0 if phase.double_backward else grads
+            # Every phase overlaps: single-backward ones through DDP's buckets, double-backward
+            # ones (R1/R2, path length) through the hand-synced buckets of `grad_buckets.py`.
+            overlap += grads
             other = "D" if phase.net == "G" else "G"
             fsdp_gathers += (4 * params[phase.net] + 4 * params[other]) / WINDOW  # backward + frozen forward
     payload = {"ddp": reduce_bytes + buffers_g, "zero2": reduce_bytes + buffers_g,

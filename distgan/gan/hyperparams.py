@@ -28,6 +28,7 @@ class Hyperparameters:
         """Names of the settings that change during the run (logged as `schedule/<name>`)."""
         self.varies = bool(self.scheduled)
         self._reg_interval = {net: schedule.reg_interval(net) for net in ("G", "D")}
+        self._adam_impl = o.adam_impl
 
     def at(self, nimg: float) -> dict[str, float]:
         return {name: value.at(nimg) for name, value in self.settings.items()}
@@ -36,7 +37,7 @@ class Hyperparameters:
         """`net`'s Adam settings, corrected for its lazy regularization phase if it has one."""
         lr, betas = lazy_reg_adam_params(values[f"{net}/lr"], (values[f"{net}/beta1"], values[f"{net}/beta2"]),
                                          self._reg_interval[net])
-        return AdamSpec(lr, betas)
+        return AdamSpec(lr, betas, self._adam_impl)
 
     def logged(self, values: dict[str, float]) -> dict[str, float]:
         return {f"schedule/{name}": values[name] for name in self.scheduled}

@@ -39,3 +39,21 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 __all__ = ["REPO", "free_port", "make_image_folder", "tiny_overrides"]
+
+
+DEEPSPEED_CPU_PRELUDE = r"""
+import json, os
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from distgan.backends.deepspeed import _skip_shm_comm_op
+_skip_shm_comm_op()
+get_accelerator().is_fp16_supported = lambda: True
+"""
+"""The start of a one-process DeepSpeed script on the CPU accelerator (a `python -c` subprocess, so
+that DeepSpeed's device choice is fixed at import). DeepSpeed's CPU accelerator answers the fp16
+capability query from mkldnn (False on CPUs without fp16 hardware), so it is answered True here:
+fp16 engines then build and step on the CPU, passing the same config checks a GPU run does."""

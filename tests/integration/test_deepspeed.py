@@ -6,12 +6,14 @@ stage). The GPU configs are built and initialized by DeepSpeed for real on CPU."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.helpers import DEEPSPEED_CPU_PRELUDE
 from tests.helpers.launch import (HARNESS, REPO, accelerate_cmd, launch, read_dumps, tail, tiny_args,
                                             torchrun_cmd)
 from tests.integration.test_distributed import assert_ranks_identical
@@ -107,22 +109,13 @@ def test_zero2_resume_from_a_checkpoint_is_exact(zero2_bf16_run, tmp_path):
 
 # Builds the DeepSpeed config of a GPU run (cpu=False) for every stage x precision, bare and merged
 # with launch/ds_zero<stage>.json, and has DeepSpeed initialize it and take one step, on CPU. The
-# config checks of `deepspeed.initialize` do not depend on the device; the one exception is its
-# fp16 capability query, which the CPU accelerator answers from mkldnn (False on CPUs without fp16
-# hardware), so it is answered True here to let the fp16 configs through the same checks.
-GPU_CONFIGS = r"""
-import itertools, json, os
-os.environ["DS_ACCELERATOR"] = "cpu"
-import torch
-torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-import deepspeed
-from deepspeed.accelerator import get_accelerator
+# config checks of `deepspeed.initialize` do not depend on the device (see DEEPSPEED_CPU_PRELUDE for
+# the one capability query answered here).
+GPU_CONFIGS = DEEPSPEED_CPU_PRELUDE + r"""
+import itertools
 from distgan.backends.base import AdamSpec
-from distgan.backends.deepspeed import _skip_shm_comm_op, ds_config
+from distgan.backends.deepspeed import ds_config
 from distgan.config import load_config
-_skip_shm_comm_op()
-get_accelerator().is_fp16_supported = lambda: True
 results = {}
 for stage, precision, merged in itertools.product((0, 1, 2), ("no", "bf16", "fp16"), (False, True)):
     args = ["dist.backend=deepspeed", f"dist.zero_stage={stage}", "data.batch_size=2", "optim.grad_clip=1.0"]
@@ -149,7 +142,7 @@ def test_gpu_configs_pass_deepspeed_initialize():
     DeepSpeed refuses with managed_gradient_accumulation=false; fp16 once kept BatchNorm's
     running statistics fp32 against fp16 weights."""
     proc = subprocess.run([sys.executable, "-c", GPU_CONFIGS], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
     assert line is not None, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(line[len("RESULTS "):])

@@ -24,7 +24,7 @@ from distgan.exactness import EXACT_ALWAYS, NOT_EXACT_ON_CUDA_WITHOUT_DETERMINIS
 from distgan.gan.augpipe import AugmentPipe
 from distgan.gan.sampler import gather_sample
 from distgan.models.r3gan import upsample2x_bilinear
-from tests.helpers import REPO
+from tests.helpers import DEEPSPEED_CPU_PRELUDE, REPO
 from tests.helpers.gpu_suite import arch_config
 from tests.helpers.inprocess import train_in_process
 from tests.helpers.resume import assert_identical, ckpt
@@ -165,25 +165,15 @@ def test_launch_readme_prints_the_exactness_table():
 # Real fp16 engines at ZeRO 0 (FP16_UnfusedOptimizer: `loss_scale_config`) and 2
 # (DeepSpeedZeroOptimizer, as at ZeRO-1: a DynamicLossScaler in `loss_scaler`), with distgan's
 # DeepSpeed config.
-# DeepSpeed's CPU accelerator answers the fp16 capability query from mkldnn, so it is answered True
-# (as in tests/integration/test_deepspeed.py); fp16 Linear layers then step on the CPU. Each stage:
+# fp16 engines build and step on the CPU (see DEEPSPEED_CPU_PRELUDE). Each stage:
 # G and D engines take an overflowing step (inf loss) and two clean ones; the backend's state goes
 # through JSON (as into state.json) into fresh engines, which must then hold the same scaler state
 # and react to the next overflow as the originals do (at ZeRO-1/2 the second overflow halves the
 # scale only if the first one's hysteresis was restored). ~10 s, most of it importing DeepSpeed.
-LOSS_SCALE = r"""
-import json, os
-os.environ["DS_ACCELERATOR"] = "cpu"
-import torch
-torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-import deepspeed
-from deepspeed.accelerator import get_accelerator
+LOSS_SCALE = DEEPSPEED_CPU_PRELUDE + r"""
 from distgan.backends.base import AdamSpec, Backend
-from distgan.backends.deepspeed import DeepSpeedBackend, _skip_shm_comm_op, ds_config, loss_scale_state
+from distgan.backends.deepspeed import DeepSpeedBackend, ds_config, loss_scale_state
 from distgan.config import load_config
-_skip_shm_comm_op()
-get_accelerator().is_fp16_supported = lambda: True
 
 def backend(stage, precision="fp16"):
     config = ds_config(load_config(None, ["dist.backend=deepspeed", f"dist.zero_stage={stage}", "data.batch_size=2"]),

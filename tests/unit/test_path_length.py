@@ -1,16 +1,21 @@
 """Path-length regularization (the `pl` term of the lazy `Greg` phase): the penalty against a
-Jacobian that autograd computes sample by sample, its running mean, its gradients and its phase."""
+Jacobian that autograd computes sample by sample, its running mean, its gradients and its phase,
+and the phase under bf16 autocast through a real Accelerate backend."""
 
 import contextlib
 import math
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
+from distgan.backends.accelerate import AccelerateBackend
+from distgan.backends.base import NETS, AdamSpec
 from distgan.config import load_config
 from distgan.gan.objective import GANObjective
 from distgan.gan.phases import build_phases, lazy_reg_adam_params, Schedule
+from distgan.models import build_models
 
 N, Z, NUM_WS, C, R = 4, 3, 2, 1, 4
 
@@ -164,12 +169,6 @@ def test_path_length_under_bf16_autocast_through_accelerate(tmp_path):
     `ws.float()`, a copy outside the images' graph ("One of the differentiated Tensors appears to
     not have been used in the graph"). The phase handle serves the unwrapped forward instead, run
     under the handle's autocast, so the gradient reaches the mapping network."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from distgan.backends.accelerate import AccelerateBackend
-    from distgan.backends.base import NETS, AdamSpec
-    from distgan.models import build_models
-
     cfg = load_config(None, ["model.arch=stylegan2", "model.widths=[16,8,8]", "model.mapping_layers=2", "model.z_dim=16",
                              "model.w_dim=16", "model.mbstd_group=2", "model.lowp_stages=0", "data.resolution=16",
                              "data.batch_size=4", "dist.mixed_precision=bf16", "loss.pl_weight=2", "loss.pl_interval=1",

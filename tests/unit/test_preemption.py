@@ -11,6 +11,7 @@ import datetime
 import multiprocessing
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,9 @@ def test_first_pull_blocked_forks_workers_blocked_and_leaves_the_rank_signalled(
 
     def items():
         for item in loader:  # the worker is forked by this first pull
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the first pull is still blocked
+            # Aimed at this thread: a process-directed kill may be taken by any other thread that
+            # happens to be alive (an earlier test's), which does not block it.
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # pending: the first pull is still blocked
             received_in_first_pull.append(watch.signalled)
             yield item
 
