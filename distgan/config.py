@@ -92,8 +92,9 @@ class ModelConfig:
     """stylegan2: probability per training batch of mixing two latents' styles at a random layer
     (StyleGAN2: 0.9)."""
     mbstd_group: int = setting(4, at_least=1)
-    """stylegan2: group size of D's minibatch standard deviation layer (lowered to a divisor of the
-    batch when it does not divide it)."""
+    """stylegan2: group size of D's minibatch standard deviation layer. Reals and fakes are grouped
+    apart, each in groups of min(mbstd_group, per-process batch) (as NVlabs' separate forwards),
+    lowered to a divisor of that batch when it does not divide it."""
     lowp_stages: int = setting(0, at_least=0)
     """stylegan2: under bf16/fp16 autocast, run only this many highest-resolution blocks of G and D
     in low precision and the rest in fp32 (StyleGAN2-ADA: 4); 0: every block follows autocast."""
@@ -195,7 +196,8 @@ class OptimConfig:
     """Gradient-accumulation steps per optimizer step (each of batch_size images)."""
     adam_impl: str = setting("auto", choices=("auto", "fused", "foreach", "loop"))
     """torch Adam implementation: `fused` (one kernel for all tensors), `foreach` (batched ops),
-    `loop` (per tensor); `auto`: fused on GPUs, foreach on the CPU. Same update, last bits may differ."""
+    `loop` (per tensor); `auto`: fused on GPUs, foreach on the CPU and under fp16 loss scaling with
+    Accelerate (where `fused` is refused: Accelerate cannot see its skipped steps). Same update, last bits may differ."""
 
 
 @dataclass

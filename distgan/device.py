@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
-from distgan.errors import DistributedError
+from distgan.errors import ConfigError, DistributedError
 
 BF16_NATIVE_CAPABILITY = (8, 0)
 """Ampere and newer compute bf16 natively. `torch.cuda.is_bf16_supported()` is also True on
@@ -102,6 +102,34 @@ def place_this_process(cpu: bool, local_rank: int, local_world_size: int) -> Pla
     return where
 
 
+def pins_host_memory(cuda_available: bool, env: Mapping[str, str]) -> bool:
+    """Whether the data loader pins its batches: only when this process trains on a GPU.
+
+    `ACCELERATE_USE_CPU=1` on a GPU machine trains on the CPU; pinning there would only start
+    a CUDA context in the loader's pin thread (on GPU 0, for every rank: memory taken on a GPU
+    the run does not use) for copies that never happen."""
+    return cuda_available and env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
+def indexed(device: torch.device, current_index: Callable[[], int] = torch.cuda.current_device) -> torch.device:
+    """`device` with its index: a bare `cuda` (Accelerate's device in a single process) is the
+    calling thread's current GPU. Call it on the thread that set the device, not on another one."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", current_index())
+    return device
+
+
+def use_in_this_thread(device: torch.device | None) -> None:
+    """Make `device` (an `indexed` one) current in the calling thread (nothing for the CPU).
+
+    The CUDA current device is per thread: a thread started after `set_device(cuda:3)` still has
+    cuda:0 current. A DataLoader iterated in such a thread starts its pin-memory thread on the
+    thread's current device, so every rank of a node would create a CUDA context (hundreds of
+    MiB) on GPU 0 and pin there; the data threads call this first."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # needs an index: `set_device(torch.device("cuda"))` raises
+
+
 # ---------------------------------------------------------------------------- precision
 
 
@@ -132,18 +160,44 @@ def gpu_capability() -> tuple[int, int]:
 # ---------------------------------------------------------------------------- numerics flags
 
 
+def _readable(getter):
+    """A TF32 flag, or None where torch refuses to read it (see `exact_fp32`)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def exact_fp32() -> Iterator[None]:
     """TF32 off for convolutions and matmuls inside, restored after.
 
     PyTorch's default `cudnn.allow_tf32=True` runs fp32 convolutions in TF32 on Ampere and newer,
-    which moves Inception features (and so FID) away from the published protocol."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    which moves Inception features (and so FID) away from the published protocol.
+
+    torch 2.13 keeps TF32 twice: the legacy flags (`allow_tf32`, `set_float32_matmul_precision`)
+    and the `fp32_precision` API, and its legacy getters raise ("mix of the legacy and new APIs")
+    when the two disagree. A user or library that set `torch.backends.cuda.matmul.fp32_precision
+    = "tf32"` leaves them disagreeing, so reading `matmul.allow_tf32` here would crash the
+    evaluation. So: save the new-API values (always readable) and the legacy ones where they can
+    be read, set both APIs to exact fp32 (consistent inside: every getter reads "off"), and
+    restore both; tests/unit/test_cuda_policy.py checks every starting state on the CPU."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    legacy_matmul = _readable(torch.get_float32_matmul_precision)
+    legacy_cudnn = _readable(lambda: cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
+    cudnn.allow_tf32 = False
+    cudnn.fp32_precision = cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+        # Legacy first, then the new API's values: that order gives back exactly the state found.
+        if legacy_matmul is not None:
+            torch.set_float32_matmul_precision(legacy_matmul)
+        if legacy_cudnn is not None:
+            cudnn.allow_tf32 = legacy_cudnn
+        cuda.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
 
 
 @dataclass(frozen=True)
@@ -182,15 +236,25 @@ def apply_numerics(deterministic: bool, cudnn_benchmark: bool) -> Numerics:
 ADAM_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
-def adam_kwargs(impl: str, cuda: bool) -> dict[str, bool]:
+def adam_kwargs(impl: str, cuda: bool, grad_scaler: bool = False) -> dict[str, bool]:
     """torch.optim.Adam's implementation switches for `optim.adam_impl`.
 
     auto: fused on CUDA (one kernel for all parameters), foreach on the CPU. Fused Adam exists on
     the CPU in torch 2.13 and was faster there too (3.8M parameters, 1 thread: fused 6 ms, foreach
     14 ms, loop 57 ms per step), but a CPU step is dominated by the networks (~1 s), and foreach
-    is the implementation every CPU test of the backends ran with; `fused` is there to opt in."""
+    is the implementation every CPU test of the backends ran with; `fused` is there to opt in.
+
+    `grad_scaler`: a torch GradScaler steps this optimizer (Accelerate in fp16). auto is then
+    foreach, and `fused` is refused: fused Adam takes the scaler's inf/NaN flag into its kernel
+    (`_step_supports_amp_scaling`), so `scaler.step` always calls `optimizer.step`, and Accelerate,
+    which detects a skipped step by the step call not happening, reports every overflow as applied
+    (skipped steps would read 0 on a V100/T4 run with `auto` precision)."""
     if impl == "auto":
-        impl = "fused" if cuda else "foreach"
+        impl = "fused" if cuda and not grad_scaler else "foreach"
+    if impl == "fused" and grad_scaler:
+        raise ConfigError("optim.adam_impl=fused cannot run under fp16 loss scaling with Accelerate (its skipped-step "
+                         "detection misses the fused kernel's own skip): use optim.adam_impl=foreach or auto, or "
+                         "dist.mixed_precision=bf16 on a GPU with compute capability >= 8.0.")
     if impl == "fused":
         return {"fused": True}
     if impl == "foreach":

@@ -142,7 +142,7 @@ class Trainer:
         self.state = TrainState()
         self.facts = RunFacts(class_names=tuple(stream.info.class_names))
         self.best = BestRecord("fid")
-        self.data = Prefetcher(stream, cfg.data.source)
+        self.data = Prefetcher(stream, cfg.data.source, device=backend.device)
         self.rng = RngStreams()
         self.checkpointer = Checkpointer(self.run_dir, backend, keep=cfg.train.keep_ckpts,
                                          on_parts_written=self._checkpoint_written)
@@ -326,6 +326,7 @@ class Trainer:
         """One generator step: the due phases, each with its micro-batches. `measure` asks the
         handles for gradient norms (a pass over all gradients: on log steps only)."""
         st = self.state
+        nimg_before = st.nimg  # the EMA ramp-up counts the images seen before this step (NVlabs)
         if self.hyper.varies:
             self.apply_hyperparameters()
         batches = self._no_real
@@ -339,7 +340,7 @@ class Trainer:
                 self.ada.d_step_done(st.d_step)
         # BatchNorm running stats drift apart per rank; rank 0's win before the EMA copies them.
         self.backend.broadcast_buffers("G")
-        self.ema.update(self.backend.module("G"), self.images_per_step, st.nimg)
+        self.ema.update(self.backend.module("G"), self.images_per_step, nimg_before)
 
     def apply_hyperparameters(self) -> dict[str, float]:
         """Set the scheduled settings to their values at the images seen so far."""

@@ -84,8 +84,9 @@ class AccelerateBackend(Backend):
     def setup(self, G, D, optim: dict[str, AdamSpec]) -> None:
         self._plain = {"G": G, "D": D}
         G, D = (to_memory_format(m, self.cfg.dist.channels_last) for m in (G, D))
-        G_w, D_w, opt_G, opt_D = self._accelerator.prepare(G, D, optim["G"].build(G.parameters()),
-                                                            optim["D"].build(D.parameters()))
+        scaled = self.mixed_precision == "fp16"  # Accelerate's GradScaler steps the optimizers
+        G_w, D_w, opt_G, opt_D = self._accelerator.prepare(G, D, optim["G"].build(G.parameters(), scaled),
+                                                            optim["D"].build(D.parameters(), scaled))
         self._wrapped = {"G": G_w, "D": D_w}
         self._opts = {"G": opt_G, "D": opt_D}
         for net in NETS:

@@ -86,8 +86,10 @@ class AdamSpec:
     impl: str = "auto"
     """`optim.adam_impl`: fused / foreach / loop, or auto (see `device.adam_kwargs`)."""
 
-    def build(self, params) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, **adam_kwargs(self.impl, cuda=not use_cpu()))
+    def build(self, params, grad_scaler: bool = False) -> torch.optim.Optimizer:
+        """`grad_scaler`: a torch GradScaler will step it (see `device.adam_kwargs`)."""
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas,
+                                **adam_kwargs(self.impl, cuda=not use_cpu(), grad_scaler=grad_scaler))
 
 
 @dataclass

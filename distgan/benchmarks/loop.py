@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from distgan.benchmarks.timing import InMemoryStream, bench_trainer, random_batches
 from distgan.config import Config
+from distgan.device import adam_kwargs
 from distgan.errors import ConfigError
 from distgan.gan.augment import diff_augment
 from distgan.gan.augpipe import AugmentPipe
@@ -43,8 +44,12 @@ class PlainLoop:
         self.G, self.D = G.to(device), D.to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         betas = lambda pair: tuple(b.at(0) for b in pair)  # noqa: E731
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.g_lr.at(0), betas=betas(cfg.optim.g_betas))
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.d_lr.at(0), betas=betas(cfg.optim.d_betas))
+        # The Adam implementation distgan's backend picks (fused on CUDA under `auto`; torch's own
+        # default there is foreach): else the comparison times two different optimizers.
+        impl = adam_kwargs(cfg.optim.adam_impl, cuda=device.type == "cuda")
+        adam = lambda net, lr, pair: torch.optim.Adam(net.parameters(), lr=lr.at(0), betas=betas(pair), **impl)  # noqa: E731
+        self.opt_G = adam(self.G, cfg.optim.g_lr, cfg.optim.g_betas)
+        self.opt_D = adam(self.D, cfg.optim.d_lr, cfg.optim.d_betas)
         loss = cfg.loss
         # ADA: p is a device tensor, moved every `ada_interval` D steps by the sign of r_t - target.
         self.p = torch.tensor(loss.augment_p.at(0), device=device) if loss.ada else None
@@ -199,6 +204,11 @@ def loop_overhead(cfg: Config, steps: int = 40, rounds: int = 7) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = bench_trainer(cfg, InMemoryStream(batches), run_dir, steps * (rounds + 1) + 1)
         device = trainer.backend.device
+        if device.type == "cuda":
+            # Pinned, as the real loader's batches are: from pageable memory both loops' `non_blocking`
+            # copies would be synchronous, and the timings would include a host wait a run never has.
+            # In place: the trainer's stream holds this same list.
+            batches[:] = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
         plain = PlainLoop(cfg, batches, device, trainer.backend.mixed_precision)
         run = {"plain": plain.step, "distgan": trainer.advance}
         trainer.start()

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from distgan.device import indexed, use_in_this_thread
 from distgan.preemption import SIGNALS
 
 log = logging.getLogger("distgan")
@@ -57,8 +58,11 @@ class Prefetcher:
     """Every rank consumed as many batches as rank 0, so rank 0's position says where all ranks
     are: the stream continues that epoch under another world size (data/position.py)."""
 
-    def __init__(self, stream: DataStream, source: str, depth: int = 4):
+    def __init__(self, stream: DataStream, source: str, depth: int = 4, device: torch.device | None = None):
         self.stream, self.source = stream, source
+        self.device = indexed(device) if device is not None else None
+        """The rank's device (with its index, read here on the training thread), made current in
+        the fetching thread (`device.use_in_this_thread`)."""
         self.state: dict[str, Any] = stream.state_dict()  # position before the first consumed batch
         self._depth, self._low = depth, depth // 2
         self._items: collections.deque = collections.deque()
@@ -83,6 +87,7 @@ class Prefetcher:
     def _run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
+            use_in_this_thread(self.device)  # before the loader starts its pin thread from here
             for batch in self.stream:
                 item = (batch, self.stream.state_dict(), None)
                 with self._cond:

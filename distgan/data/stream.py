@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import random
 import warnings
 from collections import Counter
@@ -58,6 +59,7 @@ from distgan.data.decode import SampleError, decode_sample, describe_error, flip
 from distgan.data.format import MANIFEST, count_samples, expand_urls, read_manifest
 from distgan.data.position import (Interval, Segment, available_after, batch_order, slice_intervals, total, worker_quotas,
                                    worker_tag)
+from distgan.device import pins_host_memory
 from distgan.errors import DataError
 
 log = logging.getLogger("distgan.data")
@@ -296,8 +298,8 @@ class ImageStream:
     """Endless iterator of (images uint8 (B,C,R,R) in 0..255, labels int64 (B,)) for one rank;
     ``data.normalize.normalize_images`` makes them float32 in [-1, 1] on the device.
 
-    Batches stay on the CPU (pinned when CUDA is available); do not pass this to
-    ``accelerator.prepare``. One iterator at a time; call ``load_state_dict`` before iterating
+    Batches stay on the CPU (pinned when this process trains on CUDA: `device.pins_host_memory`);
+    do not pass this to ``accelerator.prepare``. One iterator at a time; call ``load_state_dict`` before iterating
     (or between batches: the running iterator then jumps to the loaded position).
     """
 
@@ -319,8 +321,9 @@ class ImageStream:
         self._dataset = dataset = _ShardDataset(shards, cfg, seed, rank, self.workers, self.batches_per_epoch,
                                                 self._shared)
         self._segments: list[Segment] = []  # earlier segments of the current epoch (other plans)
+        pin = pins_host_memory(torch.cuda.is_available(), os.environ)  # not for a CPU run on a GPU machine
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                  persistent_workers=self.workers > 0, pin_memory=torch.cuda.is_available(),
+                                  persistent_workers=self.workers > 0, pin_memory=pin,
                                   prefetch_factor=4 if self.workers else None,
                                   generator=torch.Generator().manual_seed(seed))  # leave the global RNG alone
         self._epoch = self._consumed = self._skipped = self._generation = self._logged = 0

@@ -10,6 +10,15 @@ measures this with the overfitting heuristic r_t = E[sign(D(x_real))] and moves 
 where `batch` is the global batch of one D step, so p can cross [0, 1] in `ada_kimg` thousand
 images whatever the batch and the number of processes.
 
+r_t counts the real logits of every D phase that runs D on reals: the main D step and the lazy R1
+phase (NVlabs reports `Loss/signs/real` from both). Those of a lazy R1 phase that runs in the same
+step as an adjustment count towards the next one (NVlabs: towards this one), a shift of one window.
+
+The upper clamp `p_max` (`loss.augment_p_max`, default 1) is distgan's: NVlabs clamps only at 0
+and lets p climb past 1. The augmentations are the same either way (a probability above 1 acts as
+1), so the two differ only after p saturates: NVlabs' p must first come back down through the
+excess before augmentation lessens, distgan's responds at the next adjustment. Kept, documented.
+
 Host syncs: none. `p`, the running sums and r_t are device tensors; the augmentation pipeline
 reads `p` as a tensor, so the adjustment is a few device ops and one small all-reduce (the signs
 of every rank count) every `interval` D steps.

@@ -21,11 +21,15 @@ def ema_beta(batch_images: int, halflife_kimg: float, rampup: float | None, cur_
 
     With ``rampup`` the half-life is capped at ``cur_nimg * rampup``, so early in training (when
     the weights move fast and old ones are useless) the EMA follows G closely; at cur_nimg = 0
-    beta is 0 and the EMA becomes a copy of G. ``halflife_kimg <= 0`` returns 1.0: updates are
-    disabled and the EMA stays at its initial copy.
+    beta is 0 and the EMA becomes a copy of G. ``cur_nimg`` counts the images seen BEFORE this
+    step, as NVlabs' ``cur_nimg`` (so the first update is always a copy).
+
+    ``halflife_kimg <= 0`` returns 0.0: a zero half-life forgets at once, so the EMA is a copy of
+    G after every step (`optim.ema_halflife_kimg: 0`, "no EMA"; and the start of R3GAN's
+    schedules, which begin at 0). The limit of the formula, not a special meaning.
     """
     if halflife_kimg <= 0:
-        return 1.0
+        return 0.0
     halflife_nimg = halflife_kimg * 1000.0
     if rampup:  # None or 0 disables the ramp-up
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup)
@@ -106,7 +110,8 @@ class EMA:
         self._source: nn.Module | None = None
 
     def update(self, source: nn.Module, batch_images: int, nimg: int) -> None:
-        """Move towards `source` (G's full weights) after a step of `batch_images` images."""
+        """Move towards `source` (G's full weights) after a step of `batch_images` images; `nimg`:
+        the images seen before that step (the ramp-up's cur_nimg)."""
         beta = ema_beta(batch_images, self.halflife_kimg, self.rampup, nimg)
         if beta >= 1.0:
             return

@@ -22,6 +22,7 @@ from distgan.gan.augment import diff_augment
 from distgan.gan.augpipe import AugmentPipe
 from distgan.gan.losses import RELATIVISTIC, d_loss, g_loss, gradient_penalty, zero_centered_penalties
 from distgan.gan.phases import Phase
+from distgan.models.stylegan2_layers import independent_sets
 
 Stats = dict[str, torch.Tensor]
 
@@ -165,15 +166,16 @@ class GANObjective:
 
     def _d_forward(self, h: PhaseHandle, batch: _MicroBatch, parts: dict[str, torch.Tensor],
                    labels: list[torch.Tensor | None]) -> torch.Tensor:
-        """D on the concatenated `parts` (augmented; ONE forward, so one DDP/ZeRO reduction),
-        with the penalized parts marked to need input gradients."""
+        """D on the concatenated `parts` (augmented; ONE forward, so one DDP/ZeRO reduction and one
+        R1/R2 double backward), with the penalized parts marked to need input gradients. Batch
+        statistics (minibatch std) stay within each part, as in separate forwards."""
         for name in batch.penalized:
             if name in parts:
                 parts[name] = parts[name].detach().requires_grad_(True)
                 batch.inputs[name] = parts[name]
         both = self._augment(torch.cat(list(parts.values())))
         c = torch.cat(labels) if labels[0] is not None else None
-        with h.autocast():
+        with independent_sets(len(parts)), h.autocast():
             batch.logits = h.D(both, c).float()
         return batch.logits
 
@@ -191,7 +193,8 @@ class GANObjective:
         c = batch.real_c
         with h.autocast():
             fake = h.G(z, c)
-            labels = torch.cat([c, c]) if c is not None else None
+        labels = torch.cat([c, c]) if c is not None else None
+        with independent_sets(2), h.autocast():
             logits = h.D(self._augment(torch.cat([fake, real.to(fake.dtype)])), labels).float()
         fake_logits, real_logits = logits[:n], logits[n:]
         return (g_loss(self.cfg.objective, fake_logits, real_logits),
@@ -226,7 +229,10 @@ class GANObjective:
             labels.append(batch.fake_c)
         if "r1" not in batch.penalized:
             del parts["r1"], labels[0]
-        return self._d_forward(h, batch, parts, labels).sum() * 0
+        logits = self._d_forward(h, batch, parts, labels)
+        if self.ada is not None and "r1" in parts:  # NVlabs counts the lazy R1 phase's reals in r_t too
+            self.ada.observe(logits[:batch.real.shape[0]])
+        return logits.sum() * 0
 
     def _penalty(self, h: PhaseHandle, batch: _MicroBatch, name: str, gamma: float) -> tuple[torch.Tensor, Stats]:
         anchor = self._penalty_forward(h, batch) if batch.logits is None else 0.0

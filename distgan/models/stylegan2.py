@@ -25,6 +25,8 @@ layers (equalized lr, modulated conv, [1,3,3,1] resampling, minibatch std) live 
 - Precision: `model.lowp_stages=K > 0` runs only the K highest-resolution blocks of G and D under
   the ambient autocast dtype; under autocast the rest (mapping, G's 4x4 block, lower blocks, D's
   epilogue) runs in fp32, as NVlabs' num_fp16_res. K=0: everything follows the ambient autocast.
+  In every case G's image path (the skip sum over blocks) is fp32 and so is G's output; modulated
+  convs take their demodulation coefficients in fp32 and pre-normalize in fp16 (`modulated_conv2d`).
   `model.conv_clamp` clamps every conv's activations (NVlabs: 256 with num_fp16_res=4).
 
 Widths: `stage_widths` from r3gan (`model.widths`, or g_width/d_width x min(8, R / r)).
@@ -184,9 +186,18 @@ class SynthesisBlock(nn.Module):
         else:
             x = self.conv0(x.to(ws.dtype), w[0], noise_mode)
         x = self.conv1(x, w[self.num_conv - 1], noise_mode)
-        y = self.torgb(x, w[self.num_conv])
-        img = y if img is None else upsample2d(img.to(y.dtype), self.fir) + y
-        return x, img
+        return x, add_to_image(img, self.torgb(x, w[self.num_conv]), self.fir)
+
+
+def add_to_image(img: Tensor | None, rgb: Tensor, fir: Tensor) -> Tensor:
+    """The skip path: the image so far, upsampled, plus this block's ToRGB output, in fp32
+    whatever the block's precision (NVlabs: ToRGB convolves in the block's dtype, the sum is fp32).
+    Otherwise the image passes through the lowp blocks' bf16/fp16 and G's output is low precision."""
+    rgb = rgb.float()
+    if img is None:
+        return rgb
+    with torch.autocast(rgb.device.type, enabled=False):  # upsample2d is a conv: keep it out of autocast
+        return upsample2d(img.float(), fir) + rgb
 
 
 class SynthesisNetwork(nn.Module):

@@ -2,10 +2,17 @@
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from distgan.gan.ema import ema_beta, make_ema, update_ema
+from distgan.backends import build_backend
+from distgan.config import load_config
+from distgan.data import build_stream
+from distgan.gan.ema import EMA, ema_beta, make_ema, update_ema
+from distgan.models import build_models
+from distgan.trainer import Trainer
+from tests.helpers import tiny_overrides
 
 
 def test_beta_formula():
@@ -21,16 +28,39 @@ def test_beta_formula():
     assert ema_beta(32, 10.0, 0.05, 0) == 0.0
 
 
-def test_halflife_zero_disables_updates():
-    assert ema_beta(32, 0.0, 0.05, 5000) == 1.0
-    assert ema_beta(32, -1.0, None, 5000) == 1.0
+def test_halflife_zero_makes_the_ema_a_copy():
+    """`optim.ema_halflife_kimg: 0` ("0: the EMA copies G"; R3GAN's schedules start there): beta 0,
+    the limit of 0.5 ** (batch / halflife), not 1 (which would freeze the EMA at its initial copy)."""
+    assert ema_beta(32, 0.0, 0.05, 5000) == 0.0
+    assert ema_beta(32, 0.0, None, 5000) == 0.0
     model = nn.Linear(3, 2)
-    ema = make_ema(model)
-    before = [p.clone() for p in ema.parameters()]
+    ema = EMA(model, halflife_kimg=0.0, rampup=None)
     with torch.no_grad():
         model.weight.add_(1.0)
-    update_ema(ema, model, ema_beta(32, 0.0, 0.05, 5000))
-    assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
+    ema.update(model, 32, 5000)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ema.module.parameters()))
+
+
+def test_the_first_training_step_leaves_the_ema_a_copy_of_g(tiny_shards, tmp_path):
+    """The ramp-up caps the half-life at `ema_rampup` x the images seen BEFORE the step (NVlabs'
+    cur_nimg): after the first step beta is 0 and the EMA equals G exactly (counting the step's
+    own images gave beta = 0.5 ** 10 with the two D steps of the tiny config)."""
+    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path, "optim.ema_rampup=0.05",
+                                           "optim.ema_halflife_kimg=10", "train.steps=1"))
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    torch.manual_seed(cfg.train.seed)
+    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
+    trainer = Trainer(cfg, build_backend(cfg), stream, *build_models(cfg.model, 16, 3, stream.info.num_classes))
+    trainer.start()
+    try:
+        trainer.train_step()
+    finally:
+        trainer.finish("failed")
+        trainer.backend.close()
+    G = trainer.backend.module("G")
+    assert trainer.state.nimg > 0
+    assert all(torch.equal(a, b) for a, b in zip(G.parameters(), trainer.ema.module.parameters()))
 
 
 def test_make_ema_is_frozen_independent_copy():

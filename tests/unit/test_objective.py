@@ -1,5 +1,7 @@
 """The objective's R3GAN terms against hand-written autograd: RpGAN + R1 + R2 in one D step,
-the lazy R1/R2 phase, and the G phase that pairs fakes with reals. The phase handle here is
+the lazy R1/R2 phase, and the G phase that pairs fakes with reals; with a real StyleGAN2 D, that
+the shared real+fake forward keeps minibatch statistics per set and that ADA counts the lazy R1
+phase's reals. The phase handle here is
 the smallest thing the objective calls (G, D, autocast, backward); distribution is tested with
 real processes in tests/integration/test_distributed.py."""
 
@@ -10,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from distgan.config import load_config
+from distgan.gan.ada import AdaptiveAugment
 from distgan.gan.objective import GANObjective
 from distgan.gan.phases import REAL_LAST, Schedule, build_phases
+from distgan.models import build_models
 
 
 class QuadraticD(torch.nn.Module):
@@ -113,3 +117,65 @@ def test_relativistic_g_step_compares_each_fake_with_its_real():
     assert stats["loss"].item() == pytest.approx(want.item(), abs=1e-6)
     (grad,) = torch.autograd.grad(want, z)
     assert torch.allclose(z.grad, grad, atol=1e-6)
+
+
+class OneProcess:
+    """The backend ADA's controller asks for, in one process (its all-reduce is the identity)."""
+
+    device, world_size = torch.device("cpu"), 1
+
+    def all_reduce_mean(self, tensor):
+        return tensor
+
+
+def stylegan2_setup(n, *overrides):
+    """A real StyleGAN2 D (minibatch std groups of 4) behind the objective; n reals, n fakes."""
+    cfg = load_config(None, ["model.arch=stylegan2", "data.resolution=16", "model.d_width=4", "model.g_width=4",
+                             "model.z_dim=8", "model.mapping_layers=2", "model.mbstd_group=4", "loss.diffaugment=",
+                             *overrides])
+    torch.manual_seed(0)
+    D = build_models(cfg.model, 16, 3, 0)[1]
+    z = torch.randn(n, 3 * 16 * 16, generator=torch.Generator().manual_seed(1))
+    G = lambda z, c=None: z.view(-1, 3, 16, 16).tanh()  # noqa: E731
+    ada = AdaptiveAugment(OneProcess(), 0.0, 0.6, 500.0, 4, 1.0, n)
+    objective = GANObjective(cfg.loss, 3 * 16 * 16, 0, n, torch.device("cpu"), FixedNoise(z), ada=ada)
+    objective.set_hyperparameters(cfg.loss.r1_gamma.at(0), cfg.loss.r2().at(0), 0.0)
+    real = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return cfg, objective, Handle(G, D), D, real, G(z)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_d_step_logits_equal_separate_forwards_of_reals_and_fakes(n):
+    """Reals and fakes share one D forward, but D's minibatch-std groups stay within each, with
+    min(mbstd_group, n) members: the logits are those of D(reals) and D(fakes) run alone (NVlabs).
+    n=2 used to be one group of 2 reals and 2 fakes."""
+    cfg, objective, h, D, real, fake = stylegan2_setup(n, "loss.objective=logistic", "loss.r1_gamma=1",
+                                                       "loss.r1_interval=1")
+    dmain = build_phases(cfg)[0]
+    assert dmain.terms == ("d_adv", "r1")
+    stats = objective.accumulate_gradients(dmain, h, real, None, scale=1.0)
+    with torch.no_grad():
+        assert torch.allclose(stats["D_real"], D(real), atol=1e-6)
+        assert torch.allclose(stats["D_fake"], D(fake), atol=1e-6)
+
+
+def test_relativistic_g_step_logits_equal_separate_forwards():
+    cfg, objective, h, D, real, fake = stylegan2_setup(2, "loss.objective=rpgan", "loss.r1_gamma=1")
+    stats = objective.accumulate_gradients(build_phases(cfg)[-1], h, real, None, scale=1.0)
+    with torch.no_grad():
+        assert torch.allclose(stats["D_real"], D(real), atol=1e-6)
+        assert torch.allclose(stats["D_fake"], D(fake), atol=1e-6)
+
+
+def test_ada_counts_the_lazy_r1_phases_real_logits():
+    """NVlabs' r_t takes sign(D(real)) from the main D step and from the lazy R1 phase."""
+    cfg, objective, h, D, real, _ = stylegan2_setup(4, "loss.objective=logistic", "loss.r1_gamma=1",
+                                                    "loss.r1_interval=4")
+    phases = {p.name: p for p in build_phases(cfg)}
+    dmain, dreg = phases["Dmain"], phases["Dreg"]
+    assert dreg.terms == ("r1",)
+    objective.accumulate_gradients(dmain, h, real, None, scale=1.0)
+    objective.accumulate_gradients(dreg, h, real, None, scale=1.0)
+    with torch.no_grad():
+        signs = D(real).sign().sum()
+    assert torch.equal(objective.ada._sums, torch.stack([2 * signs, torch.tensor(8.0)]))

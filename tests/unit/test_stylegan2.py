@@ -13,8 +13,8 @@ from distgan.errors import ConfigError, DistganError
 from distgan.models import build_models, discriminator_blocks
 from distgan.sampling import generate
 from distgan.models.stylegan2 import MAPPING_LR
-from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, blur, downsample2d, fir_filter,
-                                             modulated_conv2d, upsample2d)
+from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, blur, demodulation_coefficients,
+                                             downsample2d, fir_filter, independent_sets, modulated_conv2d, upsample2d)
 
 
 def models(resolution=16, channels=3, classes=0, *extra):
@@ -71,6 +71,37 @@ def test_demodulation_gives_unit_output_variance():
     assert abs(out.var().item() - 1) < 0.08  # fixed seed; 50k values (1.026 here, about 1.01-1.03 for other seeds)
     raw = modulated_conv2d(x, weight, styles, demodulate=False)
     assert raw.var().item() > 10
+
+
+@pytest.mark.parametrize("up, fused", list(itertools.product((1, 2), (False, True))))
+def test_fp16_modulated_conv_with_512_channels_stays_finite_and_close_to_fp32(up, fused):
+    """512 input channels and styles ~4: s^2 ||W||^2 summed in fp16 (~512 * 9 * 16) overflows 65504,
+    and the layer used to return all zeros (rsqrt(inf) = 0) without an error. The tolerance is
+    NVlabs' own fp16 error: stylegan2-ada-pytorch's modulated_conv2d (commit d72cc7d, run on CPU on
+    these inputs, up=1) is off by 6.4e-4 (unfused) and 3.7e-4 (fused) of the largest fp32 output."""
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(4, 512, 8, 8), torch.randn(64, 512, 3, 3), 4 + 0.5 * torch.randn(4, 512)
+    want = modulated_conv2d(x, weight, styles, up=up, fir=fir_filter(), fused=fused)
+    with torch.autocast("cpu", dtype=torch.float16):  # fp32 weights, fp16 convolutions (the trainer's fp16)
+        autocast = modulated_conv2d(x, weight, styles, up=up, fir=fir_filter(), fused=fused)
+    # An fp16 model and fp16 inputs (DeepSpeed fp16)
+    half = modulated_conv2d(x.half(), weight.half(), styles.half(), up=up, fir=fir_filter(), fused=fused)
+    for got in (autocast, half):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert (got.float() - want).abs().max() / want.abs().max() < 1e-3
+
+
+def test_demodulation_coefficients_are_computed_in_fp32():
+    """Under bf16 autocast the matmul of s^2 and ||W||^2 would run in bf16 (~0.4% off): it is fp32,
+    from weights and styles of any dtype."""
+    torch.manual_seed(0)
+    weight, styles = torch.randn(16, 32, 3, 3), 1 + torch.rand(4, 32)
+    want = 1 / (weight.unsqueeze(0) * styles.view(4, 1, 32, 1, 1)).square().sum(dim=(2, 3, 4)).add(1e-8).sqrt()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = demodulation_coefficients(weight, styles)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5)
+    half = demodulation_coefficients(weight.half(), styles.half())
+    assert half.dtype == torch.float32 and torch.allclose(half, want, rtol=2e-3)
 
 
 def test_equalized_learning_rate():
@@ -210,6 +241,32 @@ def test_minibatch_std_never_mixes_reals_with_fakes_in_one_forward():
     assert torch.equal(both[:8], MinibatchStd(4)(real)) and torch.allclose(both[8:, 5], torch.full((8, 4, 4), 1e-4))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 8])
+def test_d_on_independent_sets_equals_separate_forwards(n):
+    """D(cat(reals, fakes)) inside `independent_sets(2)` gives the logits of D(reals) and D(fakes)
+    run alone (NVlabs' separate forwards): per set, groups of min(mbstd_group, n) (4 here), below,
+    at and above the group size. Without it, n=2 would group 2 reals with 2 fakes."""
+    _, D = models(16, 3, 0, "model.mbstd_group=4")
+    torch.manual_seed(1)
+    real, fake = torch.randn(n, 3, 16, 16), 0.1 * torch.randn(n, 3, 16, 16)
+    with independent_sets(2):
+        both = D(torch.cat([real, fake]))
+    assert torch.allclose(both, torch.cat([D(real), D(fake)]), atol=1e-6, rtol=1e-5)
+    if n in (1, 2, 6):  # the plain concatenated forward (groups of min(4, 2n)) crosses the sets
+        assert not torch.allclose(D(torch.cat([real, fake])), both, atol=1e-4)
+
+
+def test_independent_sets_is_undone_on_exit_and_rejects_uneven_batches():
+    layer, x = MinibatchStd(4), torch.randn(6, 2, 4, 4)
+    with pytest.raises(ValueError, match="6 cannot be split into 4 equal sets"), independent_sets(4):
+        layer(x)
+    with independent_sets(2):
+        split = layer(x)[:, 2]
+    whole = layer(x)[:, 2]  # back to one set of 6: groups of 3 (0-2, 3-5), as the split
+    assert torch.allclose(split, whole)
+    assert torch.allclose(layer(x[:4])[:, 2], layer(x[:4])[0, 2].expand(4, 4, 4))  # one group of 4 again
+
+
 def test_fir_resampling():
     f = fir_filter()
     assert torch.allclose(f.sum(), torch.tensor(1.0)) and torch.allclose(f[0, 0, 0], torch.tensor([1, 3, 3, 1]) / 64)
@@ -236,8 +293,34 @@ def test_runs_in_bf16_and_under_autocast():
         assert torch.isfinite(out.float()).all()
     G, D = G.to(torch.bfloat16), D.to(torch.bfloat16)
     images = G(z.bfloat16(), labels, truncation_psi=0.7)
-    out = D(images, labels)
-    assert images.dtype == out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out = D(images.bfloat16(), labels)  # the DeepSpeed backend casts D's inputs so
+    # The image path (skip connections) stays fp32, as NVlabs', even in a bf16 model.
+    assert images.dtype == torch.float32 and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2.5e-2), (torch.float16, 4e-3)])
+def test_lowp_generator_adds_its_image_in_fp32(dtype, tolerance):
+    """With `lowp_stages`, ToRGB convolves in the block's precision but the skip path sums the
+    upsampled image and ToRGB's output in fp32 (NVlabs): G's output is fp32, equal to an fp32 sum
+    of the blocks' ToRGB outputs, and within `tolerance` (of the largest value; bf16 has 8 bits of
+    mantissa) of the fp32 generator's output."""
+    G, _ = models(32, 3, 0, "model.lowp_stages=2", "model.conv_clamp=256", "model.g_width=8")
+    G.eval()
+    G.noise_mode = "const"
+    rgb = []
+    for block in G.synthesis.blocks:
+        block.torgb.register_forward_hook(lambda module, args, out: rgb.append(out))
+    z = torch.randn(4, 8)
+    want = G(z)
+    rgb.clear()
+    with torch.autocast("cpu", dtype=dtype):
+        got = G(z)
+    assert got.dtype == torch.float32 and [y.dtype for y in rgb] == [torch.float32] * 2 + [dtype] * 2
+    img = rgb[0].float()
+    for y in rgb[1:]:
+        img = upsample2d(img, fir_filter()) + y.float()
+    assert torch.allclose(got, img, atol=1e-6)
+    assert (got - want).abs().max() / want.abs().max() < tolerance
 
 
 def test_lowp_stages_keep_lower_blocks_in_fp32():
@@ -277,6 +360,11 @@ def test_torch_compile_matches_eager():
     cg, cd = torch.compile(G, backend="aot_eager"), torch.compile(D, backend="aot_eager")
     assert torch.allclose(cg(z, labels, truncation_psi=0.5), G(z, labels, truncation_psi=0.5), atol=1e-5)
     assert torch.allclose(cd(x, labels), D(x, labels), atol=1e-5)
+    # The compiled D follows `independent_sets` (a guard on its value), not the graph traced above.
+    with independent_sets(2):
+        split = cd(x, labels)
+    alone = torch.cat([D(x[:1], labels[:1]), D(x[1:], labels[1:])])
+    assert torch.allclose(split, alone, atol=1e-5) and not torch.allclose(split, D(x, labels), atol=1e-4)
     # return_ws (the path-length penalty) runs eager inside the compiled G: ws is in the autograd
     # graph and the double backward works
     images, ws = cg(z, labels, return_ws=True)
