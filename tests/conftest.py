@@ -27,3 +27,13 @@ def tiny_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny"
     write_shards(str(images), out, resolution=16, channels=3, crop="none", shard_size=16, workers=1, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), keep each test file on one
+    worker (module fixtures and the README commands' order depend on it) and every SLURM test on
+    the same one: one loopback cluster per run, not one per worker."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        group = "slurm" if "slurm" in path.parent.name else str(path.relative_to(Path(__file__).parent))
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -22,7 +22,7 @@ from distgan.gan.augment import diff_augment
 from distgan.gan.augpipe import AugmentPipe
 from distgan.gan.losses import RELATIVISTIC, d_loss, g_loss, gradient_penalty, zero_centered_penalties
 from distgan.gan.phases import Phase
-from distgan.models.stylegan2_layers import independent_sets
+from distgan.models.layers import independent_sets
 
 Stats = dict[str, torch.Tensor]
 

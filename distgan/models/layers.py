@@ -10,13 +10,43 @@
   (Miyato & Koyama 2018).
 - ``check_labels``: the one place that decides what a conditional/unconditional net does with
   the ``labels`` argument.
+- ``independent_sets`` / ``batch_sets``: how many independent sets (reals, fakes) a D batch holds,
+  for layers with batch statistics (StyleGAN2's minibatch std) that must not mix them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+
+_SETS = 1
+"""How many equal-size independent sets the batch of a D forward holds (see `independent_sets`)."""
+
+
+@contextlib.contextmanager
+def independent_sets(sets: int) -> Iterator[None]:
+    """While inside: a D batch is `sets` equal-size sets concatenated (reals, then fakes), and
+    layers with batch statistics (`batch_sets()`) keep them within each set, as if each set went
+    through D alone. A module-level setting rather than a forward argument or a module attribute:
+    the objective calls D through wrappers that differ per backend (DDP, DeepSpeed engines behind
+    an input-casting closure, FSDP's sharded copy, torch.compile), and every D signature stays
+    (x, labels). torch.compile guards on the value."""
+    global _SETS
+    previous, _SETS = _SETS, sets
+    try:
+        yield
+    finally:
+        _SETS = previous
+
+
+def batch_sets() -> int:
+    """The number of independent sets in the current D batch (1 outside `independent_sets`)."""
+    return _SETS
 
 
 def check_labels(labels: Tensor | None, num_classes: int, batch: int, who: str) -> Tensor | None:

@@ -17,13 +17,13 @@ Every weight is cast to the activations' dtype in the forward pass (bf16 models 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from distgan.models import layers
 
 LEAK = 0.2
 LRELU_GAIN = math.sqrt(2.0)  # NVlabs' def_gain for lrelu (not the exact He gain sqrt(2 / (1 + 0.2^2)))
@@ -197,10 +197,11 @@ class MinibatchStd(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        if n % _SETS:
-            raise ValueError(f"MinibatchStd: a batch of {n} cannot be split into {_SETS} equal sets "
+        sets = layers.batch_sets()
+        if n % sets:
+            raise ValueError(f"MinibatchStd: a batch of {n} cannot be split into {sets} equal sets "
                              "(reals and fakes concatenated must have the same count)")
-        per_set = n // _SETS
+        per_set = n // sets
         g = min(self.group_size, per_set)
         while per_set % g:
             g -= 1
@@ -211,24 +212,5 @@ class MinibatchStd(nn.Module):
         return torch.cat([x, y], dim=1)
 
 
-_SETS = 1
-"""How many equal-size independent sets the batch of a D forward holds (see `independent_sets`)."""
-
-
-@contextlib.contextmanager
-def independent_sets(sets: int) -> Iterator[None]:
-    """While inside: every `MinibatchStd` takes its batch as `sets` equal-size sets concatenated
-    (reals, then fakes) and keeps its statistics within each. A module-level setting rather than a
-    forward argument or a module attribute: the objective calls D through wrappers that differ per
-    backend (DDP, DeepSpeed engines behind an input-casting closure, FSDP's sharded copy,
-    torch.compile), and every D signature stays (x, labels). torch.compile guards on the value."""
-    global _SETS
-    previous, _SETS = _SETS, sets
-    try:
-        yield
-    finally:
-        _SETS = previous
-
-
-__all__ = ["FullyConnected", "Conv", "MinibatchStd", "independent_sets", "modulated_conv2d",
+__all__ = ["FullyConnected", "Conv", "MinibatchStd", "modulated_conv2d",
            "demodulation_coefficients", "bias_act", "fir_filter", "blur", "upsample2d", "downsample2d", "LRELU_GAIN"]

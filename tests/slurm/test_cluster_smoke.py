@@ -125,8 +125,12 @@ def test_train_sh_cpu_two_nodes_standin_world_size_2(slurm_cluster, tmp_path):
     assert {r["backend"] for r in ranks} == {"gloo"}
     assert {r["allreduce"] for r in ranks} == {3.0}  # 1 + 2: the two ranks really talked
     assert all(r["local_rank"] == 0 for r in ranks)
-    assert ranks[0]["argv"] == ["--config", "recipe.yaml", f"train.run_dir={run_dir}",
-                                "train.resume=auto", "train.steps=5", "model.z_dim=16"]
+    # Then the loader workers train.sh derived from the allocation (`distributed.cpu_share`), when
+    # neither the command line nor the recipe gives data.workers.
+    argv = ranks[0]["argv"]
+    assert argv[:6] == ["--config", "recipe.yaml", f"train.run_dir={run_dir}", "train.resume=auto", "train.steps=5",
+                        "model.z_dim=16"], argv
+    assert len(argv) == 7 and argv[6].startswith("data.workers=") and f"per process: {argv[6]}," in logs, (argv, logs)
     assert "world size 2 = 2 node(s) x 1 process(es)" in logs
     assert "head n1 at 127.0.0.1:" in logs
     assert "run complete" in logs

@@ -13,8 +13,9 @@ from distgan.errors import ConfigError, DistganError
 from distgan.models import build_models, discriminator_blocks
 from distgan.sampling import generate
 from distgan.models.stylegan2 import MAPPING_LR
+from distgan.models.layers import independent_sets
 from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, blur, demodulation_coefficients,
-                                             downsample2d, fir_filter, independent_sets, modulated_conv2d, upsample2d)
+                                             downsample2d, fir_filter, modulated_conv2d, upsample2d)
 
 
 def models(resolution=16, channels=3, classes=0, *extra):
