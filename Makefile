@@ -23,7 +23,7 @@ train: setup
 
 test: setup
 	# Two workers (one test file each at a time; see tests/conftest.py): most tests use one core.
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # No `setup` dependency: setup pins torch for the CPU, and this target must use the CUDA build the
 # user installed into .venv (README, GPU). It stops at once when that torch sees no GPU, instead

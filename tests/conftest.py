@@ -29,11 +29,24 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), keep each test file on one
-    worker (module fixtures and the README commands' order depend on it) and every SLURM test on
-    the same one: one loopback cluster per run, not one per worker."""
-    for item in items:
-        path = Path(str(item.fspath)).resolve()
-        group = "slurm" if "slurm" in path.parent.name else str(path.relative_to(Path(__file__).parent))
-        item.add_marker(pytest.mark.xdist_group(group))
+class _FileScheduling:
+    """pytest-xdist plugin (`make test` runs `-n 2`): whole test files as work units, so module
+    fixtures and the README commands' order hold, and every SLURM test in one unit, so one loopback
+    cluster serves the run instead of one per worker. (xdist's own `--dist loadgroup` marks are
+    lost under pytest 9: the group suffix it puts on node ids never reaches the scheduler.)"""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class FileScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::", 1)[0]
+                return "tests/slurm" if path.startswith("tests/slurm/") else path
+
+        return FileScheduling(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_FileScheduling(), "distgan-file-scheduling")

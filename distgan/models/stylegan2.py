@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from distgan.models.layers import check_labels
 from distgan.models.r3gan import stage_widths
 from distgan.models.registry import ModelSettings, register_arch
-from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, bias_act, fir_filter, modulated_conv2d,
+from distgan.models.stylegan2_layers import (Conv, FullyConnected, MinibatchStd, autocast_off, bias_act, fir_filter, modulated_conv2d,
                                              upsample2d)
 
 RESOLUTIONS = (16, 32, 64, 128, 256, 512, 1024)
@@ -196,7 +196,7 @@ def add_to_image(img: Tensor | None, rgb: Tensor, fir: Tensor) -> Tensor:
     rgb = rgb.float()
     if img is None:
         return rgb
-    with torch.autocast(rgb.device.type, enabled=False):  # upsample2d is a conv: keep it out of autocast
+    with autocast_off(rgb.device.type):  # upsample2d is a conv: keep it out of autocast
         return upsample2d(img.float(), fir) + rgb
 
 

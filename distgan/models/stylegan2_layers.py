@@ -17,6 +17,7 @@ Every weight is cast to the activations' dtype in the forward pass (bf16 models 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -149,11 +150,19 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     return x.reshape(n, cout, *x.shape[2:])
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for `device_type` (nothing to turn off where autocast does not exist, e.g. the
+    meta device that memory estimates run on)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def demodulation_coefficients(weight: Tensor, styles: Tensor) -> Tensor:
     """1 / ||W_o * s_n|| for every sample n and output filter o: (N, out), always in fp32 (autocast
     off), whatever the weights' and styles' dtypes. ||W_o * s||^2 = sum_i s_i^2 sum_k W_oik^2 is one
     small matmul (N, in) x (in, out), not a (N, out, in, k, k) tensor of per-sample weights."""
-    with torch.autocast(styles.device.type, enabled=False):
+    with autocast_off(styles.device.type):
         energy = weight.float().square().sum(dim=(2, 3))  # (out, in)
         return (styles.float().square() @ energy.t() + 1e-8).rsqrt()
 
@@ -161,7 +170,7 @@ def demodulation_coefficients(weight: Tensor, styles: Tensor) -> Tensor:
 def _conv_dtype(x: Tensor) -> torch.dtype:
     """The dtype a conv on `x` runs in: autocast's when it is on for x's device, else x's own."""
     device = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device):
+    if x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
@@ -212,5 +221,5 @@ class MinibatchStd(nn.Module):
         return torch.cat([x, y], dim=1)
 
 
-__all__ = ["FullyConnected", "Conv", "MinibatchStd", "modulated_conv2d",
+__all__ = ["FullyConnected", "Conv", "MinibatchStd", "autocast_off", "modulated_conv2d",
            "demodulation_coefficients", "bias_act", "fir_filter", "blur", "upsample2d", "downsample2d", "LRELU_GAIN"]

@@ -34,7 +34,7 @@ class SGDSpec:
     def __init__(self, lr: float):
         self.lr = lr
 
-    def build(self, params) -> torch.optim.Optimizer:
+    def build(self, params, grad_scaler: bool = False) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr)
 
 
