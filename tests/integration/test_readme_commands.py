@@ -107,6 +107,9 @@ HOW: dict[str, tuple[str, str]] = {
     "distgan eval --n 2000": (MENTION, NOT_A_COMMAND),
     "distgan report": (MENTION, NOT_A_COMMAND),
     "distgan bench loop": (RUN, BENCH),
+    "distgan bench loop --steps 100 --rounds 7": (MAPPED, "the measurement's own form; `distgan bench loop` runs above "
+                                                 "and tests/integration/test_bench.py::test_bench_loop_reports_median_ratio_difference_and_every_round "
+                                                 "checks its report"),
     "distgan bench data": (RUN, BENCH),
     "distgan bench throughput": (RUN, BENCH),
     # 1- and 2-process runs + the ZeRO/FSDP probe, ~1 min at this size: run once, as the docs/scaling.md form
