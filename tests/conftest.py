@@ -29,6 +29,19 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def fresh_accelerator():
+    """Accelerate's process-wide state (AcceleratorState, GradientState), reset around the test,
+    as tests/helpers/inprocess.py does before each in-process run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 class _FileScheduling:
     """pytest-xdist plugin (`make test` runs `-n 2`): whole test files as work units, so module
     fixtures and the README commands' order hold, and every SLURM test in one unit, so one loopback

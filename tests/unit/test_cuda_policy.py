@@ -7,21 +7,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.state import AcceleratorState, GradientState
 
 from distgan.backends.base import AdamSpec
 from distgan.device import adam_kwargs, pins_host_memory
 from distgan.errors import ConfigError
-
-
-@pytest.fixture
-def fresh_accelerator():
-    """Accelerate's process-wide state, reset around the test (as tests/helpers/inprocess.py does)."""
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def _overflowing_step(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> tuple[bool, float]:

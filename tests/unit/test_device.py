@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from distgan.backends import check_combination
@@ -81,15 +81,6 @@ def test_auto_precision_on_cpu_is_fp32_and_resolved_before_the_checks(monkeypatc
     with pytest.raises(ConfigError, match="fsdp=true with fp16"):
         check_combination(load_config(None, ["dist.mixed_precision=auto", "dist.fsdp=true"]), cuda=True, capability=(7, 0))
     check_combination(load_config(None, ["dist.mixed_precision=auto", "dist.fsdp=true"]), cuda=True, capability=(8, 0))
-
-
-@pytest.fixture
-def fresh_accelerator():
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def test_accelerator_is_created_with_the_resolved_precision(monkeypatch, fresh_accelerator):
