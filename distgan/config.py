@@ -17,11 +17,14 @@ from typing import Any
 
 import yaml
 
+from distgan.config_model import ModelConfig
 from distgan.config_values import Rule, _coerce, _load_yaml, _plain, _suggest, field_docs, setting
 from distgan.errors import ConfigError
 from distgan.gan.augment import POLICIES
+from distgan.gan.augment_presets import PRESETS as AUGMENT_PRESETS
+from distgan.gan.augment_presets import parse_overrides
 from distgan.gan.losses import OBJECTIVES
-from distgan.models import check_arch
+from distgan.models import check_arch, check_discriminator
 from distgan.schedules import Scheduled
 
 
@@ -61,58 +64,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    arch: str = "dcgan"
-    """Architecture from the model registry: `dcgan`, `resnet`, `r3gan` or `stylegan2`."""
-    z_dim: int = setting(128, at_least=1)
-    """Latent dimension of the generator input."""
-    g_width: int = setting(64, at_least=1)
-    """Generator base width (channels at the highest resolution)."""
-    d_width: int = setting(64, at_least=1)
-    """Discriminator base width (channels at the highest resolution)."""
-    conditional: bool = False
-    """Class-conditional G (conditional batch norm) and projection D; needs labelled data."""
-    g_norm: str = setting("batch", choices=("batch", "none"))
-    """Generator normalization: `batch` (classic) or `none` (batch-size independent, for exact
-    gradient-averaging checks across process counts)."""
-    widths: list[int] = field(default_factory=list)
-    """r3gan, stylegan2: channels per stage from 4x4 up to the output resolution (D uses them reversed);
-    empty: `g_width`/`d_width` x min(8, resolution / stage resolution)."""
-    blocks_per_stage: int = setting(2, at_least=1)
-    """r3gan: residual blocks per resolution stage."""
-    expansion: int = setting(2, at_least=1)
-    """r3gan: channel expansion inside a residual block (inverted bottleneck)."""
-    group_size: int = setting(16, at_least=1)
-    """r3gan: channels per group of the grouped 3x3 conv (cardinality = widened channels / this)."""
-    w_dim: int = setting(0, at_least=0)
-    """stylegan2: width of the intermediate latent w (0: same as z_dim)."""
-    mapping_layers: int = setting(8, at_least=1)
-    """stylegan2: FC layers of the mapping network z -> w (also of D's class-embedding map)."""
-    style_mixing_prob: float = setting(0.0, at_least=0, at_most=1)
-    """stylegan2: probability per training batch of mixing two latents' styles at a random layer
-    (StyleGAN2: 0.9)."""
-    mbstd_group: int = setting(4, at_least=1)
-    """stylegan2: group size of D's minibatch standard deviation layer. Reals and fakes are grouped
-    apart, each in groups of min(mbstd_group, per-process batch) (as NVlabs' separate forwards),
-    lowered to a divisor of that batch when it does not divide it."""
-    lowp_stages: int = setting(0, at_least=0)
-    """stylegan2: under bf16/fp16 autocast, run only this many highest-resolution blocks of G and D
-    in low precision and the rest in fp32 (StyleGAN2-ADA: 4); 0: every block follows autocast."""
-    conv_clamp: float = setting(0.0, at_least=0)
-    """stylegan2: clamp conv activations to +-this (StyleGAN2-ADA: 256 with low precision); 0: no
-    clamp."""
-    noise_mode: str = setting("random", choices=("random", "const", "none"))
-    """stylegan2: G's per-pixel noise: `random` (trained this way), `const` (fixed noise images: the same
-    latent gives the same image; tests use it) or `none`."""
-    freeze_d: int = setting(0, at_least=0)
-    """FreezeD: keep D's first K blocks (input side; each arch declares its blocks in the model
-    registry) fixed while fine-tuning; needs `train.init_from` with D weights."""
-    reinit_class_embedding: bool = False
-    """Fine-tuning a conditional model: start its class embeddings fresh (required when the new
-    data has another number of classes)."""
-
-
-@dataclass
 class LossConfig:
     objective: str = setting("logistic", choices=OBJECTIVES)
     """`logistic` (non-saturating), `hinge`, `wgan-gp`, `lsgan` or `rpgan` (relativistic pairing,
@@ -131,9 +82,16 @@ class LossConfig:
     diffaugment: str = ""
     """DiffAugment policy applied to real and fake images before D, e.g.
     `color,translation,cutout`; empty disables it."""
-    augment: str = setting("", choices=("", "bgc"))
-    """Augmentation pipeline before D: `bgc` (StyleGAN2-ADA's blit + geometric + color ops, each
-    applied with probability `augment_p`) or empty for none. Can be combined with DiffAugment."""
+    augment: str = setting("", choices=("", *AUGMENT_PRESETS))
+    """Augmentation pipeline before D (StyleGAN2-ADA's), by preset: `bgc` (NVlabs' preset: blit +
+    geometric + color ops, each applied with probability `augment_p`), `bgc-r3gan` (R3GAN's: the
+    same with the color ops at 0.5 x `augment_p`, plus cutout at `augment_p`) or empty for none.
+    Can be combined with DiffAugment."""
+    augment_ops: str = ""
+    """Per-op probability multipliers over the `augment` preset, `op=multiplier` comma-separated
+    (op runs with probability multiplier x `augment_p`; 0 turns it off), e.g. `hue=0,cutout=1`.
+    Ops: xflip, rotate90, xint, scale, rotate, aniso, xfrac, brightness, contrast, lumaflip, hue,
+    saturation, cutout (a square of half the image side, zeroed)."""
     augment_p: Scheduled = setting(Scheduled(0.0), at_least=0, at_most=1)
     """Probability of each `bgc` op (a number or a schedule; R3GAN ramps it up). Under ADA, the
     starting value of the adaptive p (then a number)."""
@@ -444,6 +402,8 @@ def validate(cfg: Config) -> None:
                 each = "each value " if isinstance(value, (tuple, list)) else ""
                 raise ConfigError(f"{key}={_plain(value)!r}: {each}{rule.describe()}.{hint}")
     check_arch(cfg.model.arch, cfg.data.resolution, cfg.data.channels)
+    if cfg.model.d_arch:
+        check_discriminator(cfg.model.d_arch, cfg.data.resolution, cfg.data.channels)
     stages = cfg.data.resolution.bit_length() - 2  # 4x4 up to the resolution
     if cfg.model.widths and len(cfg.model.widths) != stages:
         raise ConfigError(f"model.widths={cfg.model.widths}: resolution {cfg.data.resolution} has {stages} stages "
@@ -451,9 +411,16 @@ def validate(cfg: Config) -> None:
     if any(w < 1 for w in cfg.model.widths):
         raise ConfigError(f"model.widths={cfg.model.widths}: every width must be at least 1.")
     loss = cfg.loss
-    if loss.ada and loss.augment != "bgc":
+    if loss.ada and not loss.augment:
         raise ConfigError(f"loss.ada_target={loss.ada_target}: ADA adapts the probability of the `bgc` augmentations; "
                           "set loss.augment=bgc (or loss.ada_target=0 to turn ADA off).")
+    if loss.augment_ops and not loss.augment:
+        raise ConfigError(f"loss.augment_ops={loss.augment_ops!r} adjusts a pipeline that is off: set loss.augment "
+                          f"to a preset ({', '.join(AUGMENT_PRESETS)}) or leave augment_ops empty.")
+    try:
+        parse_overrides(loss.augment_ops)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if loss.ada and not loss.augment_p.constant:
         raise ConfigError("loss.augment_p is a schedule, but ADA (loss.ada_target > 0) sets p itself: give augment_p "
                           "as one number (ADA's starting p) or set loss.ada_target=0.")
@@ -469,7 +436,8 @@ def frozen_keys() -> tuple[str, ...]:
     """Keys that define networks or optimizers: they may not change when a run resumes."""
     return ("data.resolution", "data.channels", "model.arch", "model.z_dim", "model.g_width", "model.d_width",
             "model.conditional", "model.widths", "model.blocks_per_stage", "model.expansion", "model.group_size", "loss.objective", "optim.g_lr", "optim.d_lr", "optim.g_betas", "optim.d_betas",
-            "loss.r1_interval", "loss.pl_interval", "optim.d_steps", "model.freeze_d", "model.w_dim", "model.mapping_layers")
+            "loss.r1_interval", "loss.pl_interval", "optim.d_steps", "model.freeze_d", "model.w_dim", "model.mapping_layers",
+            "model.d_arch", "model.projected_resolution", "model.projected_scales")
 
 
 __all__ = ["Config", "ConfigError", "Rule", "load_config", "describe", "parse_override", "frozen_keys", "field_docs",

@@ -59,7 +59,7 @@ def prepare_finetune(cfg: Config, G: nn.Module, D: nn.Module, num_classes: int) 
         if cfg.model.freeze_d and "D" not in source.files:
             raise ConfigError(f"model.freeze_d={cfg.model.freeze_d}: train.init_from={cfg.train.init_from} is an export "
                               "without D weights; fine-tune from the run folder or a checkpoint to freeze D's blocks.")
-    frozen = freeze_d_blocks(D, cfg.model.arch, cfg.model.freeze_d)  # also on resume: it shapes D's optimizer
+    frozen = freeze_d_blocks(D, cfg.model.d_arch or cfg.model.arch, cfg.model.freeze_d)  # also on resume: it shapes D's optimizer
     if source is None:
         return None
     fresh = {"G": class_embedding_keys(G), "D": class_embedding_keys(D)} if cfg.model.reinit_class_embedding \

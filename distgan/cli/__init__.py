@@ -1,5 +1,5 @@
 """The `distgan` command: one click group, one file per command group (train, data, sample, eval,
-report, export, sweep, bench), each a thin wrapper over the library.
+report, export, import, sweep, bench), each a thin wrapper over the library.
 
 This group is the one place that turns a `DistganError` (a problem the user can fix) into one
 line, `distgan: <label>: <message>`, and the error kind's exit code. `--debug` or
@@ -27,7 +27,8 @@ DEBUG_ENV = "DISTGAN_DEBUG"
 COMMANDS = (("train", "train", "train_command"), ("shards", "data", "shards_command"),
             ("sample", "sample", "sample_command"), ("eval", "eval", "eval_command"),
             ("report", "report", "report_command"), ("export", "export", "export_command"),
-            ("sweep", "sweep", "sweep_command"), ("bench", "bench", "bench_command"))
+            ("import", "importer", "import_command"), ("sweep", "sweep", "sweep_command"),
+            ("bench", "bench", "bench_command"))
 """(command name, module in distgan.cli, attribute), in the order `distgan --help` lists them."""
 
 
@@ -91,6 +92,7 @@ def main(debug: bool) -> None:
       distgan report runs/default
       distgan report runs/sweep-lr-grid/trial-*           # compare runs: curves and a table ranked by FID
       distgan export --ckpt runs/default --out exports/emoji
+      distgan import network-snapshot-005000.pkl --out exports/sg2   # NVlabs StyleGAN2-ADA pickle
       distgan sweep configs/sweeps/lr-grid.yaml --submit
       distgan bench loop
       distgan --debug train data.source=data/broken   # an error with its traceback

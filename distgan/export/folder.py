@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 GRID_FILE = "samples.png"
 CARD_FILE = "README.md"
 FILES = (WEIGHTS_FILE, CONFIG_FILE, GRID_FILE, CARD_FILE)
+RAW_WEIGHT_FILES = {"G": "G.safetensors", "D": "D.safetensors"}
+"""Optional: the raw generator and the discriminator, which an export of `distgan import` also
+carries (the foreign pickle had them), so `train.init_from` can fine-tune all three networks."""
 
 
 def is_export(path: str | Path) -> bool:
@@ -63,5 +66,6 @@ def read_export(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{Path(path) / CONFIG_FILE} lacks {e}: not a usable distgan export") from None
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "GRID_FILE", "CARD_FILE", "FILES", "is_export",
+__all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "GRID_FILE", "CARD_FILE", "FILES",
+           "RAW_WEIGHT_FILES", "is_export",
            "read_meta", "read_export"]

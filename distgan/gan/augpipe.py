@@ -3,10 +3,11 @@
 Karras et al. 2020, "Training Generative Adversarial Networks with Limited Data": before D sees
 an image (real or fake) it goes through blit ops (x-flip, 90-degree rotations, integer
 translation), geometric ops (isotropic scaling, rotation, anisotropic scaling, fractional
-translation) and color ops (brightness, contrast, luma flip, hue rotation, saturation). Each op is
-applied to each image independently with probability `p`; since D sees the same distribution of
-augmentations on both sides and the ops are invertible in distribution at small p, G learns
-the clean data distribution ("non-leaking" augmentations).
+translation), color ops (brightness, contrast, luma flip, hue rotation, saturation) and cutout.
+Each op is applied to each image independently with probability multiplier x `p` (NVlabs' per-op
+multipliers; the presets live in `distgan.gan.augment_presets`); since D sees the same
+distribution of augmentations on both sides and the ops are invertible in distribution at small
+p, G learns the clean data distribution ("non-leaking" augmentations).
 
 Implementation: every geometric op is a 3x3 matrix in normalized image coordinates; the product
 of the ops drawn for a sample maps output pixels to input positions, sampled once with
@@ -26,11 +27,13 @@ call); the constant gray axis is made once per device and reused.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distgan.gan.augment_presets import ALL_OPS, BGC_OPS
 from distgan.gan.sampler import sample
 
 # Strengths as in NVlabs' AugmentPipe defaults.
@@ -43,9 +46,7 @@ BRIGHTNESS_STD = 0.2
 CONTRAST_STD = 0.5  # log2
 HUE_MAX = 1.0  # fraction of a half turn
 SATURATION_STD = 1.0  # log2
-
-BGC_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac",
-           "brightness", "contrast", "lumaflip", "hue", "saturation")
+CUTOUT_SIZE = 0.5  # side of the cutout square, fraction of the image side
 
 
 def _eye(n: int, size: int, device: torch.device) -> Tensor:
@@ -98,17 +99,23 @@ def _rotate3d(axis: Tensor, theta: Tensor) -> Tensor:
 class AugmentPipe:
     """The bgc pipeline: `pipe(images)` with images (N, C, H, W) in [-1, 1], C in {1, 3}.
 
-    `p` is the probability of each op (float or 0-d tensor). `generator` (optional) makes the
-    draws reproducible: two pipes with generators in the same state give the same output, on
-    any rank. Without one, draws come from torch's global RNG on the images' device.
+    `p` is the overall probability (float or 0-d tensor). `ops` names the ops that run, each with
+    probability p (a tuple), or maps each to its probability multiplier (op runs with probability
+    multiplier x p; 0 or absent: not at all), as NVlabs' AugmentPipe keyword arguments.
+    `generator` (optional) makes the draws reproducible: two pipes with generators in the same
+    state give the same output, on any rank. Without one, draws come from torch's global RNG on
+    the images' device.
     """
 
-    def __init__(self, p: float | Tensor = 0.0, ops: tuple[str, ...] = BGC_OPS, generator: torch.Generator | None = None):
-        unknown = sorted(set(ops) - set(BGC_OPS))
+    def __init__(self, p: float | Tensor = 0.0, ops: tuple[str, ...] | Mapping[str, float] = BGC_OPS,
+                 generator: torch.Generator | None = None):
+        mult = dict(ops) if isinstance(ops, Mapping) else {op: 1.0 for op in ops}
+        unknown = sorted(set(mult) - set(ALL_OPS))
         if unknown:
-            raise ValueError(f"Unknown augmentation ops {unknown}; choose from {', '.join(BGC_OPS)}")
+            raise ValueError(f"Unknown augmentation ops {unknown}; choose from {', '.join(ALL_OPS)}")
         self.p = p
-        self.ops = frozenset(ops)
+        self.mult = {op: float(m) for op, m in mult.items() if m > 0}
+        self.ops = frozenset(self.mult)
         self.generator = generator
         self._luma: dict[torch.device, Tensor] = {}  # the gray axis per device, made once (no copy per call)
 
@@ -121,6 +128,8 @@ class AugmentPipe:
         x = images.float()  # matrices and sampling in fp32 under bf16/fp16 autocast
         x = self._geometric(x)
         x = self._color(x)
+        if "cutout" in self.ops:
+            x = self._cutout(x)
         return x.to(dtype)
 
     # ------------------------------------------------------------------ random draws
@@ -132,10 +141,16 @@ class AugmentPipe:
         dev = self.generator.device if self.generator is not None else device
         return torch.randn((n, *shape), generator=self.generator, device=dev).to(device)
 
-    def _gate(self, value: Tensor, identity: float, p: float | Tensor | None = None) -> Tensor:
-        """`value` where a U(0,1) draw falls below p, else the op's identity value."""
+    def _prob(self, op: str) -> float | Tensor:
+        """multiplier x p: a float for a float p, a device tensor for a tensor p (no host sync)."""
+        m = self.mult[op]
+        return self.p if m == 1 else self.p * m
+
+    def _gate(self, value: Tensor, identity: float, op: str, p: float | Tensor | None = None) -> Tensor:
+        """`value` where a U(0,1) draw falls below `op`'s probability (or `p`), else the op's
+        identity value."""
         n = value.shape[0]
-        keep = self._rand(n, value.device) < (self.p if p is None else p)
+        keep = self._rand(n, value.device) < (self._prob(op) if p is None else p)
         keep = keep.view(n, *([1] * (value.dim() - 1)))
         return torch.where(keep, value, torch.full_like(value, identity))
 
@@ -145,30 +160,30 @@ class AugmentPipe:
         dev, ops = x.device, self.ops
         m = _eye(n, 3, dev)  # output -> input coordinates (normalized, [-1, 1])
         if "xflip" in ops:
-            flip = self._gate(torch.floor(self._rand(n, dev) * 2), 0.0)
+            flip = self._gate(torch.floor(self._rand(n, dev) * 2), 0.0, "xflip")
             m = m @ _scale2d(1 - 2 * flip, torch.ones_like(flip))
         if "rotate90" in ops:
-            quarter = self._gate(torch.floor(self._rand(n, dev) * 4), 0.0)
+            quarter = self._gate(torch.floor(self._rand(n, dev) * 4), 0.0, "rotate90")
             m = m @ _rotate2d(-math.pi / 2 * quarter)
         if "xint" in ops:
-            t = self._gate((self._rand(n, dev, 2) * 2 - 1) * XINT_MAX, 0.0)
+            t = self._gate((self._rand(n, dev, 2) * 2 - 1) * XINT_MAX, 0.0, "xint")
             # Whole pixels: 2 normalized units span the side.
             m = m @ _translate2d(torch.round(t[:, 0] * w) * 2 / w, torch.round(t[:, 1] * h) * 2 / h)
         if "scale" in ops:
-            s = self._gate(torch.exp2(self._randn(n, dev) * SCALE_STD), 1.0)
+            s = self._gate(torch.exp2(self._randn(n, dev) * SCALE_STD), 1.0, "scale")
             m = m @ _scale2d(s, s)
         # Rotation is split around the anisotropic scaling (as NVlabs): each half applied with
-        # 1 - sqrt(1 - p), so that "any rotation" happens with probability p.
-        p_rot = self._rotation_p()
+        # 1 - sqrt(1 - p_rotate), so that "any rotation" happens with probability p_rotate.
+        p_rot = self._rotation_p() if "rotate" in ops else 0.0
         if "rotate" in ops:
-            m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, p_rot))
+            m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, "rotate", p_rot))
         if "aniso" in ops:
-            s = self._gate(torch.exp2(self._randn(n, dev) * ANISO_STD), 1.0)
+            s = self._gate(torch.exp2(self._randn(n, dev) * ANISO_STD), 1.0, "aniso")
             m = m @ _scale2d(s, 1 / s)
         if "rotate" in ops:
-            m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, p_rot))
+            m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, "rotate", p_rot))
         if "xfrac" in ops:
-            t = self._gate(self._randn(n, dev, 2) * XFRAC_STD, 0.0)
+            t = self._gate(self._randn(n, dev, 2) * XFRAC_STD, 0.0, "xfrac")
             m = m @ _translate2d(t[:, 0] * 2, t[:, 1] * 2)
         if not ({"xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac"} & ops):
             return x
@@ -176,11 +191,13 @@ class AugmentPipe:
         return sample(x, grid)  # grid_sample, or its deterministic twin under deterministic algorithms
 
     def _rotation_p(self) -> float | Tensor:
-        """1 - sqrt(1 - p): the probability of each of the two rotation halves. A float `p` gives a
-        float (folded into the gate's comparison), a device tensor a device tensor."""
-        if isinstance(self.p, Tensor):
-            return 1 - torch.sqrt(torch.clamp(1 - self.p.float(), min=0))
-        return 1 - math.sqrt(max(1 - float(self.p), 0.0))
+        """1 - sqrt(1 - multiplier x p): the probability of each of the two rotation halves. A
+        float `p` gives a float (folded into the gate's comparison), a device tensor a device
+        tensor."""
+        p = self._prob("rotate")
+        if isinstance(p, Tensor):
+            return 1 - torch.sqrt(torch.clamp(1 - p.float(), min=0))
+        return 1 - math.sqrt(max(1 - float(p), 0.0))
 
     def _gray_axis(self, device: torch.device) -> Tensor:
         """The unit gray axis (1, 1, 1, 0) / sqrt(3) in homogeneous RGB, on `device`."""
@@ -199,26 +216,42 @@ class AugmentPipe:
         luma_outer = torch.outer(luma, luma)
         m = _eye(n, 4, dev)
         if "brightness" in ops:
-            b = self._gate(self._randn(n, dev) * BRIGHTNESS_STD, 0.0)
+            b = self._gate(self._randn(n, dev) * BRIGHTNESS_STD, 0.0, "brightness")
             m = _translate3d(b) @ m
         if "contrast" in ops:
-            s = self._gate(torch.exp2(self._randn(n, dev) * CONTRAST_STD), 1.0)
+            s = self._gate(torch.exp2(self._randn(n, dev) * CONTRAST_STD), 1.0, "contrast")
             m = _scale3d(s) @ m
-        if c == 3 and "lumaflip" in ops:  # mirror colors through the gray axis
-            i = self._gate(torch.floor(self._rand(n, dev) * 2), 0.0)
+        # Mirror colors through the gray axis; on one channel that negates the image (NVlabs
+        # applies it whatever the channel count: its gray path keeps the matrix's mean row sum).
+        if "lumaflip" in ops:
+            i = self._gate(torch.floor(self._rand(n, dev) * 2), 0.0, "lumaflip")
             m = (torch.eye(4, device=dev) - 2 * luma_outer * i.view(n, 1, 1)) @ m
         if c == 3 and "hue" in ops:
-            theta = self._gate((self._rand(n, dev) * 2 - 1) * math.pi * HUE_MAX, 0.0)
+            theta = self._gate((self._rand(n, dev) * 2 - 1) * math.pi * HUE_MAX, 0.0, "hue")
             m = _rotate3d(luma[:3], theta) @ m
         if c == 3 and "saturation" in ops:
-            s = self._gate(torch.exp2(self._randn(n, dev) * SATURATION_STD), 1.0)
+            s = self._gate(torch.exp2(self._randn(n, dev) * SATURATION_STD), 1.0, "saturation")
             m = (luma_outer + (torch.eye(4, device=dev) - luma_outer) * s.view(n, 1, 1)) @ m
         flat = x.reshape(n, c, -1)
         if c == 3:
             out = m[:, :3, :3] @ flat + m[:, :3, 3:]
-        else:  # gray: the mean effect of the matrix on a gray pixel (brightness and contrast)
+        else:  # gray: the mean effect of the matrix on a gray pixel (brightness, contrast, luma flip)
             out = flat * m[:, :3, :3].sum(dim=2).mean(dim=1).view(n, 1, 1) + m[:, :3, 3].mean(dim=1).view(n, 1, 1)
         return out.reshape(x.shape)
 
+    # ------------------------------------------------------------------ cutout
+    def _cutout(self, x: Tensor) -> Tensor:
+        """NVlabs' cutout: with probability multiplier x p, zero a rectangle of CUTOUT_SIZE x the
+        image side centred at a uniform position (pixels whose centre is closer to it than half
+        the size in both axes; the rectangle may be clipped by the image edge)."""
+        n, _, h, w = x.shape
+        dev = x.device
+        size = self._gate(torch.full((n, 1), CUTOUT_SIZE, device=dev), 0.0, "cutout")  # 0: no cutout
+        center = self._rand(n, dev, 2)
+        dx = (torch.arange(w, device=dev) + 0.5) / w - center[:, 0:1]  # (N, W)
+        dy = (torch.arange(h, device=dev) + 0.5) / h - center[:, 1:2]  # (N, H)
+        keep = (dy.abs() >= size / 2).unsqueeze(2) | (dx.abs() >= size / 2).unsqueeze(1)  # (N, H, W)
+        return x * keep.unsqueeze(1).to(x.dtype)
 
-__all__ = ["AugmentPipe", "BGC_OPS"]
+
+__all__ = ["ALL_OPS", "AugmentPipe", "BGC_OPS"]

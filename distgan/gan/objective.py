@@ -19,6 +19,7 @@ from distgan.backends.base import PhaseHandle
 from distgan.config import LossConfig
 from distgan.gan.ada import AdaptiveAugment
 from distgan.gan.augment import diff_augment
+from distgan.gan.augment_presets import multipliers
 from distgan.gan.augpipe import AugmentPipe
 from distgan.gan.losses import RELATIVISTIC, d_loss, g_loss, gradient_penalty, zero_centered_penalties
 from distgan.gan.phases import Phase
@@ -97,7 +98,8 @@ class GANObjective:
         # Scheduled weights: the trainer sets their current values (`set_hyperparameters`).
         self.r1_gamma, self.r2_gamma = cfg.r1_gamma.at(0), cfg.r2().at(0)
         self.ada = ada
-        self.pipe = AugmentPipe(ada.p if ada else cfg.augment_p.at(0)) if cfg.augment == "bgc" else None
+        self.pipe = (AugmentPipe(ada.p if ada else cfg.augment_p.at(0), multipliers(cfg.augment, cfg.augment_ops))
+                     if cfg.augment else None)
         self._augment: Callable[[torch.Tensor], torch.Tensor] = self._augmenter(cfg.diffaugment, self.pipe)
         self.pl_mean = torch.zeros((), device=device)
         """Running mean `a` of the generator's path lengths (StyleGAN2), the penalty's target."""

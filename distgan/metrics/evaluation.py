@@ -137,7 +137,7 @@ class TrainingEvaluator:
             log.info("Evaluating the EMA generator at %.1f kimg: %d generated vs %d real images (%s)...", nimg / 1000,
                      self.n, self.n, ev.extractor)
         # A fresh stream each time: the same real images at every evaluation (and no extra
-        # workers between evaluations). On a cache hit it is never iterated.
+        # workers between evaluations). On a cache hit only SWD's images are read from it.
         stream = build_stream(self.data, self.cfg.train.seed, b.rank, b.world_size)
         try:
             # The stream's loader workers are forked with the preemption signals blocked (they must not
@@ -154,9 +154,10 @@ class TrainingEvaluator:
         row = {f"{EVAL_PREFIX}{k}": v for k, v in result.items()}
         row[f"{EVAL_PREFIX}n_requested"] = ev.n_samples  # eval/n_real and eval/n_fake hold the N used
         row.update({"kimg": nimg / 1000, f"{EVAL_PREFIX}seconds": time.perf_counter() - start})
-        log.info("FID %.3f, KID %.5f ± %.5f, precision %.3f, recall %.3f (%s, %d real / %d fake) at %.1f kimg",
-                 result["fid"], result["kid"], result["kid_std"], result["precision"], result["recall"],
-                 result["extractor"], result["n_real"], result["n_fake"], nimg / 1000)
+        log.info("FID %.3f, KID %.5f ± %.5f, precision %.3f, recall %.3f (%s, %d real / %d fake), SWDx1e3 %.2f "
+                 "(pixels, %d images) at %.1f kimg", result["fid"], result["kid"], result["kid_std"],
+                 result["precision"], result["recall"], result["extractor"], result["n_real"], result["n_fake"],
+                 result["swd"], result["swd_n"], nimg / 1000)
         return row
 
 

@@ -30,6 +30,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from distgan.data.normalize import normalize_images
 from distgan.metrics.extractors import EvalError, build_extractor
 from distgan.metrics.precision_recall import precision_recall
+from distgan.metrics.swd import MAX_IMAGES as SWD_MAX_IMAGES
+from distgan.metrics.swd import swd, to_pixels
 from distgan.preemption import Preempted
 
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # the usual KID protocol (Binkowski et al.)
@@ -179,8 +181,33 @@ def _polled(items: Iterable, interrupt: Callable[[], bool] | None, every: int, w
 _END = object()
 
 
-def _real_features(batches: Iterable, extractor: nn.Module, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    return [_featurize(extractor, batch, batch_size, device) for batch in batches]
+def _real_features(batches: Iterable, extractor: nn.Module | None, batch_size: int, device: torch.device,
+                   pixels: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """Features of every batch (none when `extractor` is None: a cache hit); the first `keep`
+    images are also appended to `pixels` as uint8, for SWD."""
+    feats = []
+    for batch in batches:
+        _keep_pixels(pixels, batch, keep)
+        if extractor is not None:
+            feats.append(_featurize(extractor, batch, batch_size, device))
+    return feats
+
+
+def _keep_pixels(pixels: list[torch.Tensor], images: torch.Tensor, keep: int) -> None:
+    """Append images (as uint8, on the CPU: SWD's images travel as bytes) until `keep` are held."""
+    held = sum(len(p) for p in pixels)
+    if held < keep:
+        pixels.append(to_pixels(images[: keep - held]).cpu())
+
+
+def _gathered_pixels(pixels: list[torch.Tensor], like: tuple[int, ...], per: int, n: int, world_size: int,
+                     device: torch.device) -> torch.Tensor:
+    """The first n images of all ranks in sample order (each rank holds a contiguous share: see `shard`)."""
+    local = torch.cat(pixels) if pixels else torch.zeros(0, *like, dtype=torch.uint8)
+    flat = local.reshape(len(local), -1)
+    if _distributed(world_size):
+        flat = gather_features(flat.to(_comm_device(device)), per, n, world_size).cpu()
+    return flat.reshape(-1, *like)
 
 
 def _fake_batches(indices: range, batch_size: int) -> Iterator[range]:
@@ -189,11 +216,12 @@ def _fake_batches(indices: range, batch_size: int) -> Iterator[range]:
 
 @torch.no_grad()
 def _fake_features(generate: Callable, batches: Iterable[range], z_dim: int, num_classes: int, seed: int,
-                   extractor: nn.Module, device: torch.device) -> torch.Tensor:
+                   extractor: nn.Module, device: torch.device, pixels: list[torch.Tensor], keep: int) -> torch.Tensor:
     feats = [torch.zeros(0, extractor.num_features, device=device)]
     for batch in batches:
         z, labels = latents(seed, batch, z_dim, num_classes)
         images = generate(z.to(device), None if labels is None else labels.to(device))
+        _keep_pixels(pixels, images, keep)  # quantized as a saved PNG, as ProGAN's SWD saw fakes
         feats.append(extractor(images.to(device)))
     return torch.cat(feats)
 
@@ -273,6 +301,11 @@ def evaluate(
     pulled from the stream even on a cache hit). Raises EvalError before any generation when
     fewer than n real images exist (``n_real_available`` or the streams running dry).
 
+    Next to FID/KID/precision/recall it returns SWD (`distgan.metrics.swd`: ProGAN's sliced
+    Wasserstein distance on image patches, no learned features) of the first min(n, 16384)
+    images of both sets, as pixels. The cache holds features only, so on a cache hit the real
+    stream is still read for those images (decoding, no extractor pass).
+
     ``interrupt`` (this rank's "stop now?", e.g. a preemption flag) is asked every ``poll_every``
     batches of the real and the generated pass, agreed over the ranks; when any rank says yes,
     every rank raises `distgan.preemption.Preempted` at the same poll.
@@ -287,6 +320,11 @@ def evaluate(
     device = torch.device(device)
     ext = build_extractor(extractor, weights, device, allow_download)
     indices, per = shard(n, rank, world_size)
+    # SWD's images: the first swd_n samples of each set, this rank's part of them (its shares are contiguous).
+    swd_n = min(n, SWD_MAX_IMAGES)
+    swd_keep, swd_per = max(0, min(indices.stop, swd_n) - indices.start), min(per, swd_n)
+    real_pixels: list[torch.Tensor] = []
+    fake_pixels: list[torch.Tensor] = []
 
     # Real features: from the cache when every rank sees it, else from the streams.
     path, real = None, None
@@ -306,9 +344,12 @@ def evaluate(
             good = False
         if not _all_reduce(int(good), world_size, device, dist.ReduceOp.MIN):
             real = None
+        else:  # SWD still needs the real pixels (not cached: they would be N x C x H x W bytes on disk)
+            _real_features(_polled(_take(real_batches, swd_keep), interrupt, poll_every, world_size, device), None,
+                           batch_size, device, real_pixels, swd_keep)
     if real is None:
         local = _real_features(_polled(_take(real_batches, len(indices)), interrupt, poll_every, world_size, device),
-                               ext, batch_size, device)
+                               ext, batch_size, device, real_pixels, swd_keep)
         local = torch.cat(local) if local else torch.zeros(0, ext.num_features, device=device)
         missing = _all_reduce(len(indices) - len(local), world_size, device)
         if missing:  # every rank needs its full share: a short stream anywhere fails all ranks
@@ -320,10 +361,17 @@ def evaluate(
                                       "extractor": ext.name, "weights": ext.tag, "n": str(n)})
 
     fake_batches = _polled(_fake_batches(indices, batch_size), interrupt, poll_every, world_size, device)
-    fake_local = _fake_features(generate, fake_batches, z_dim, num_classes, seed, ext, device)
+    fake_local = _fake_features(generate, fake_batches, z_dim, num_classes, seed, ext, device, fake_pixels, swd_keep)
     fake = gather_features(fake_local, per, n, world_size)
     fid, kid, kid_std = scores(real, fake, seed)
     precision, recall = precision_recall(real, fake, rank=rank, world_size=world_size)  # rows split over ranks
-    return {"fid": fid, "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall,
+    # SWD: every rank computes it from the same gathered pixels (seeded): the same number everywhere.
+    shape = tuple((real_pixels or fake_pixels or [torch.zeros(0, 1, 1, 1)])[0].shape[1:])
+    shape = _all_reduce_many(list(shape), world_size, device)  # a rank with no share holds no shape
+    real_px = _gathered_pixels(real_pixels, tuple(shape), swd_per, swd_n, world_size, device)
+    fake_px = _gathered_pixels(fake_pixels, tuple(shape), swd_per, swd_n, world_size, device)
+    swd_scores = swd(real_px, fake_px, seed=seed, device=device)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall, **swd_scores,
+            "swd_n": swd_n,
             "n_real": len(real), "n_fake": len(fake),
             "resize": ext.resize, "extractor": ext.name}

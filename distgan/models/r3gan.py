@@ -8,8 +8,10 @@ NeurIPS 2024): a plain modern ConvNet, no normalization, no mapping network, no 
   He-initialized with their gain scaled by L^(-1/4), L the total number of blocks, so the
   variance of the sum of residual branches stays bounded as the network deepens.
 - Resampling by R3GAN's fixed [1,2,1]-derived low-pass filter ([1,3,3,1] with stride 2, written
-  as bilinear upsampling and blur + 2x2 averaging, with replicated rather than zero edges),
-  channels changed by a 1x1 conv on the narrow side of the transition.
+  as bilinear upsampling and blur + 2x2 averaging), with zero edges as R3GAN's upfirdn2d
+  (R3GAN/Resamplers.py: `upfirdn2d.upsample2d` / `downsample2d`), so border pixels match the
+  reference and its weights reproduce its images; channels changed by a 1x1 conv on the narrow
+  side of the transition.
 - G starts from a learned 4x4 basis modulated per channel by a linear map of z (plus a class
   embedding when conditional) and ends with a 1x1 conv to image channels (no tanh, as R3GAN: the
   output is clamped when saved or scored).
@@ -103,39 +105,53 @@ class ResidualBlock(nn.Module):
 
 
 def _blur121(x: Tensor) -> Tensor:
-    """Separable [1,2,1]/4 blur with edge replication, as shifted adds (cheap on CPU, and
-    differentiable twice, as R1/R2 need)."""
-    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    """Separable [1,2,1]/4 blur with zeros beyond the image (upfirdn2d's padding), as shifted
+    adds (cheap on CPU, and differentiable twice, as R1/R2 need)."""
+    x = F.pad(x, (1, 1, 1, 1))
     x = (x[..., :-2, :] + 2 * x[..., 1:-1, :] + x[..., 2:, :]) / 4
     return (x[..., :-2] + 2 * x[..., 1:-1] + x[..., 2:]) / 4
 
 
 def _upsample2x_linear(x: Tensor, dim: int) -> Tensor:
-    """2x linear upsampling along `dim` at half-pixel centers with replicated edges: output 2i is
-    x[i-1]/4 + 3x[i]/4, output 2i+1 is 3x[i]/4 + x[i+1]/4."""
+    """2x linear upsampling along `dim` at half-pixel centers with zeros beyond the edges: output
+    2i is x[i-1]/4 + 3x[i]/4, output 2i+1 is 3x[i]/4 + x[i+1]/4, x[-1] = x[n] = 0."""
     size = x.shape[dim]
-    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, size - 1)], dim)
-    after = torch.cat([x.narrow(dim, 1, size - 1), x.narrow(dim, size - 1, 1)], dim)
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    before = torch.cat([zero, x.narrow(dim, 0, size - 1)], dim)
+    after = torch.cat([x.narrow(dim, 1, size - 1), zero], dim)
     even, odd = 0.25 * before + 0.75 * x, 0.75 * x + 0.25 * after
     return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
 
 
-def upsample2x_bilinear(x: Tensor) -> Tensor:
-    """`F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)`, as shifted adds.
+def _edge_weights(size: int, like: Tensor) -> Tensor:
+    """1 inside, 3/4 on the first and last of `size` output rows (or columns): what turns
+    clamped-edge bilinear upsampling into the zero-padded one. At an edge output the clamped
+    version puts weight 1 on the edge pixel, the zero-padded one 3/4 (the other 1/4 falls on a
+    zero), and nothing else differs."""
+    w = like.new_full((size,), 0.75)
+    w.narrow(0, 1, size - 2).fill_(1.0)  # fill_ of a Python scalar: no tensor built from host data
+    return w
 
-    Under `torch.use_deterministic_algorithms(True)` (train.deterministic=true) the CUDA backward
-    of bilinear interpolation raises (it accumulates with atomic adds); the backward of these
-    slices, concatenations and sums is deterministic everywhere. F.interpolate stays the fast
-    path otherwise (one kernel)."""
+
+def upsample2x_bilinear(x: Tensor) -> Tensor:
+    """R3GAN's 2x upsampling: `upfirdn2d.upsample2d(x, [1,3,3,1] (x) [1,3,3,1])`, i.e. bilinear
+    interpolation at half-pixel centers with zeros beyond the image (not clamped edges).
+
+    Fast path: `F.interpolate(..., "bilinear")` (one kernel) times the edge weights. Under
+    `torch.use_deterministic_algorithms(True)` (train.deterministic=true) the CUDA backward of
+    bilinear interpolation raises (it accumulates with atomic adds), so the same result is built
+    from slices, concatenations and sums, whose backward is deterministic everywhere."""
     if not torch.are_deterministic_algorithms_enabled():
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        out = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        h, w = out.shape[-2:]
+        return out * (_edge_weights(h, out).unsqueeze(-1) * _edge_weights(w, out))
     return _upsample2x_linear(_upsample2x_linear(x, x.dim() - 1), x.dim() - 2)
 
 
 class Upsample(nn.Module):
     """Channels changed by a 1x1 conv at the low resolution, then 2x upsampling by the
     [1,3,3,1]/4 filter (R3GAN's [1,2,1] filter convolved with the [1,1] hold), which is exactly
-    bilinear interpolation at half-pixel centers; image edges are replicated."""
+    bilinear interpolation at half-pixel centers; zeros beyond the image, as upfirdn2d."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -147,8 +163,9 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """2x downsampling by the [1,3,3,1]/8 filter (= the [1,2,1] blur, then 2x2 averages), then
-    channels changed by a 1x1 conv at the low resolution."""
+    """2x downsampling by the [1,3,3,1]/8 filter (= the [1,2,1] blur, then 2x2 averages) with
+    zeros beyond the image (`upfirdn2d.downsample2d`, padding 1 on each side), then channels
+    changed by a 1x1 conv at the low resolution."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()

@@ -16,6 +16,7 @@ from typing import Callable, Protocol, Sequence
 from torch import nn
 
 from distgan.errors import ConfigError
+from distgan.optional import check_installed
 
 
 class ModelSettings(Protocol):
@@ -26,6 +27,9 @@ class ModelSettings(Protocol):
     z_dim: int
     g_width: int
     d_width: int
+    d_arch: str
+    projected_resolution: int
+    projected_scales: int
     conditional: bool
     g_norm: str
     widths: list[int]
@@ -56,6 +60,12 @@ _REGISTRY: dict[str, tuple[Builder, tuple[int, ...], tuple[int, ...]]] = {}
 DBlocks = Callable[[nn.Module], Sequence[nn.Module]]
 _D_BLOCKS: dict[str, str | DBlocks] = {}
 
+DiscriminatorBuilder = Callable[[ModelSettings, int, int, int], nn.Module]
+_D_ONLY: dict[str, tuple[DiscriminatorBuilder, tuple[int, ...], tuple[int, ...]]] = {}
+"""Discriminators without a generator of their own (``model.d_arch``), e.g. ``projected``."""
+_D_NEEDS: dict[str, tuple[str, ...]] = {}
+"""Optional modules a discriminator needs (checked at config validation: one line naming the extra)."""
+
 
 def register_arch(
     name: str, resolutions: tuple[int, ...] = RESOLUTIONS, channels: tuple[int, ...] = CHANNELS,
@@ -75,6 +85,44 @@ def register_arch(
         return builder
 
     return decorate
+
+
+def register_discriminator(
+    name: str, resolutions: tuple[int, ...] = RESOLUTIONS, channels: tuple[int, ...] = CHANNELS,
+    d_blocks: str | DBlocks = "blocks", needs: tuple[str, ...] = (),
+) -> Callable[[DiscriminatorBuilder], DiscriminatorBuilder]:
+    """Decorator registering a discriminator-only builder ``(model_cfg, resolution, channels,
+    num_classes) -> D`` under ``name``, for ``model.d_arch``. Its name must not clash with an arch;
+    ``needs`` names the optional modules it imports (`distgan/optional.py` knows their extras)."""
+
+    def decorate(builder: DiscriminatorBuilder) -> DiscriminatorBuilder:
+        if name in _REGISTRY or name in _D_ONLY:
+            raise ValueError(f"discriminator {name!r} is already registered")
+        _D_ONLY[name] = (builder, tuple(resolutions), tuple(channels))
+        _D_BLOCKS[name] = d_blocks
+        _D_NEEDS[name] = tuple(needs)
+        return builder
+
+    return decorate
+
+
+def check_discriminator(d_arch: str, resolution: int, channels: int) -> None:
+    """ConfigError unless ``d_arch`` (``model.d_arch``) names a registered arch or discriminator
+    that supports ``resolution`` and ``channels``."""
+    if d_arch in _REGISTRY:
+        check_arch(d_arch, resolution, channels)
+        return
+    names = [*ARCHS, *_D_ONLY]
+    if d_arch not in _D_ONLY:
+        close = difflib.get_close_matches(d_arch, names, n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model.d_arch={d_arch!r} is not a known discriminator.{hint} Available: {', '.join(names)}.")
+    for module in _D_NEEDS[d_arch]:
+        check_installed(module, f"model.d_arch={d_arch}")
+    _, resolutions, chans = _D_ONLY[d_arch]
+    if resolution not in resolutions or channels not in chans:
+        raise ConfigError(f"model.d_arch={d_arch!r} supports resolutions {', '.join(map(str, resolutions))} and "
+                          f"{' or '.join(map(str, chans))} channels, not {resolution} px with {channels} (data.*).")
 
 
 def discriminator_blocks(arch: str, D: nn.Module) -> list[nn.Module]:
@@ -122,7 +170,17 @@ def build_models(model_cfg: ModelSettings, resolution: int, channels: int, num_c
     else:
         classes = 0  # unconditional: labels (if any) are ignored
     builder = _REGISTRY[model_cfg.arch][0]
-    return builder(model_cfg, resolution, channels, classes)
+    d_arch = getattr(model_cfg, "d_arch", "") or model_cfg.arch
+    if d_arch == model_cfg.arch:
+        return builder(model_cfg, resolution, channels, classes)
+    check_discriminator(d_arch, resolution, channels)
+    G, _ = builder(model_cfg, resolution, channels, classes)
+    if d_arch in _D_ONLY:
+        return G, _D_ONLY[d_arch][0](model_cfg, resolution, channels, classes)
+    # Another arch's D: its builder also makes a G, which is dropped (it only costs a draw from the
+    # seeded RNG, so weights stay a function of the seed).
+    return G, _REGISTRY[d_arch][0](model_cfg, resolution, channels, classes)[1]
 
 
-__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "check_arch", "build_models", "discriminator_blocks"]
+__all__ = ["ARCHS", "RESOLUTIONS", "CHANNELS", "register_arch", "register_discriminator", "check_arch",
+           "check_discriminator", "build_models", "discriminator_blocks"]

@@ -56,7 +56,17 @@ def _meta_models(cfg: Config):
     # has no answer for `meta`; the estimate is fp32's anyway.
     model = dataclasses.replace(cfg.model, lowp_stages=0) if hasattr(cfg.model, "lowp_stages") else cfg.model
     with torch.device("meta"):
-        return build_models(model, cfg.data.resolution, cfg.data.channels, 0)
+        return build_models(model, cfg.data.resolution, cfg.data.channels, _classes(cfg))
+
+
+def _classes(cfg: Config) -> int:
+    """A conditional recipe's networks are built with 10 classes (CIFAR-10's): the class
+    embedding's parameters and activations are tiny beside the convolutions at any class count."""
+    return 10 if cfg.model.conditional else 0
+
+
+def _labels(cfg: Config, n: int) -> torch.Tensor | None:
+    return torch.zeros(n, dtype=torch.long, device="meta") if cfg.model.conditional else None
 
 
 _MEASURED: dict[str, dict[str, int]] = {}
@@ -88,13 +98,15 @@ def _measure(cfg: Config) -> dict[str, int]:
     d_step = _SavedBytes()
     with d_step.hooks():
         x = torch.randn(2, *shape, device="meta").requires_grad_(True)  # one real, one fake
-        (grad,) = torch.autograd.grad(D(x).sum(), [x], create_graph=True)
+        (grad,) = torch.autograd.grad(D(x, _labels(cfg, 2)).sum(), [x], create_graph=True)
         grad.square().sum()
     g_step = _SavedBytes()
     D.requires_grad_(False)
     with g_step.hooks():
-        fake = G(torch.randn(1, G.z_dim, device="meta"))
-        D(torch.cat([fake, torch.randn(1, *shape, device="meta")]) if cfg.loss.objective == "rpgan" else fake).sum()
+        fake = G(torch.randn(1, G.z_dim, device="meta"), _labels(cfg, 1))
+        pair = cfg.loss.objective == "rpgan"
+        batch = torch.cat([fake, torch.randn(1, *shape, device="meta")]) if pair else fake
+        D(batch, _labels(cfg, batch.shape[0])).sum()
     g, d = (sum(p.numel() for p in net.parameters()) for net in (G, D))
     return {"D": d_step.bytes, "G": g_step.bytes, "resident": 4 * (4 * (g + d) + g)}
 

@@ -23,10 +23,14 @@ from tests.helpers import REPO, tiny_overrides
 from tests.helpers.inprocess import train_in_process
 from tests.helpers.launch import env as cpu_launch_env
 
-ARCHS = ("dcgan", "resnet", "r3gan", "stylegan2")
+ARCHS = ("dcgan", "resnet", "r3gan", "stylegan2", "fastgan", "projected")
 SMALL = {"dcgan": [], "resnet": [], "r3gan": ["model.widths=[16,16,8]"],
-         "stylegan2": ["model.widths=[16,16,8]", "model.w_dim=16", "model.mapping_layers=2"]}
-"""Small networks at the tiny shards' 16x16: r3gan and stylegan2 take one width per stage (4, 8, 16)."""
+         "stylegan2": ["model.widths=[16,16,8]", "model.w_dim=16", "model.mapping_layers=2"],
+         "fastgan": ["model.g_width=4"],
+         "projected": ["model.arch=dcgan", "model.d_arch=projected", "model.projected_scales=2",
+                       "loss.objective=hinge"]}
+"""Small networks at the tiny shards' 16x16: r3gan and stylegan2 take one width per stage (4, 8, 16).
+`projected` is DCGAN's G on the projected discriminator (its own later `model.arch` wins)."""
 
 
 class DeviceProbe(TrainerHooks):

@@ -46,6 +46,7 @@ def test_eval_prints_one_json_line_with_scores_and_settings(trained, tiny_shards
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert math.isfinite(out["fid"]) and out["fid"] > 0 and math.isfinite(out["kid"])
+    assert out["swd"] > 0 and out["swd_n"] == 32 and {"swd_16"} <= set(out)  # the label-free second distance
     assert out["n_real"] == out["n_fake"] == out["n"] == 32
     assert (out["extractor"], out["resize"], out["weights"]) == ("tiny", "none", "")
     assert out["data"] == str(tiny_shards) and out["resolution"] == 16 and out["generator"] == "ema"

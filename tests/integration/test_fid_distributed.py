@@ -107,7 +107,10 @@ def test_two_process_fid_equals_one_process(tmp_path):
             assert got["kid"] == pytest.approx(single["kid"], rel=1e-4, abs=1e-7)
             assert {k: got[k] for k in ("n_real", "n_fake", "resize", "extractor")} == {
                 "n_real": N, "n_fake": N, "resize": "none", "extractor": "tiny"}
-        assert r["pulled_first"] == 3 and r["pulled_cached"] == 0  # second call: cache on all ranks
+            assert got["swd"] == pytest.approx(single["swd"], rel=1e-5)  # from the gathered pixels, any world size
+        # Second call: Inception features from the cache on all ranks; the real stream is still read
+        # (decoding only) because SWD needs the pixels, which the cache does not hold.
+        assert r["pulled_first"] == 3 and r["pulled_cached"] == 3
         assert r["generated"] == 2 * r["share"]
         assert r["short"].startswith("EvalError: too few real images") and r["short_generated"] == 0
         for key in ("first", "cached"):

@@ -68,10 +68,16 @@ def _cases() -> dict[str, list[str]]:
     # bucketed all-reduce alike); that is arithmetic, not a gradient-scale error.
     cases["pl"] = ["loss.objective=logistic", "model.arch=stylegan2", "model.mapping_layers=2", "model.mbstd_group=1",
                    "model.noise_mode=const", "loss.pl_weight=2", "loss.pl_interval=1", "loss.pl_batch_shrink=1"]
+    # The projected discriminator (frozen EfficientNet-Lite0 features, fixed random projections,
+    # spectral-normalised heads) on its recipe's hinge loss, upsampling the 16 px images to 32.
+    cases["projected"] = ["loss.objective=hinge", "model.d_arch=projected", "model.projected_scales=2"]
     return cases
 
 
 CASES = _cases()
+WHOLE_BATCH_ONLY = {"projected"}
+"""Cases compared only across process counts, not accumulation: spectral norm's power iteration
+steps once per forward, so two micro-batches refine sigma twice where one batch does it once."""
 ONE_X8, ONE_X4_ACC2 = ["data.batch_size=8"], ["data.batch_size=4", "optim.accumulate=2"]
 TWO_X4, TWO_X2_ACC2 = ["data.batch_size=4"], ["data.batch_size=2", "optim.accumulate=2"]
 FSDP, ZERO_STAGES = ["dist.fsdp=true"], (0, 1, 2)
@@ -104,7 +110,9 @@ def _supported(overrides: list[str]) -> bool:
 def _one_process_runs() -> list[Run]:
     runs = []
     for case, extra in CASES.items():
-        runs += [Run(case, "1x8", (*extra, *ONE_X8)), Run(case, "1x4 acc2", (*extra, *ONE_X4_ACC2))]
+        runs.append(Run(case, "1x8", (*extra, *ONE_X8)))
+        if case not in WHOLE_BATCH_ONLY:
+            runs.append(Run(case, "1x4 acc2", (*extra, *ONE_X4_ACC2)))
     logistic = CASES["logistic"]
     runs.append(Run("logistic", "1x4 acc2 summed", (*logistic, *ONE_X4_ACC2), mutant="summed-micro-batches"))
     return runs
@@ -113,7 +121,9 @@ def _one_process_runs() -> list[Run]:
 def _ddp_fsdp_runs() -> list[Run]:
     runs = []
     for case, extra in CASES.items():
-        runs += [Run(case, "2x4 ddp", (*extra, *TWO_X4)), Run(case, "2x2 acc2 ddp", (*extra, *TWO_X2_ACC2))]
+        runs.append(Run(case, "2x4 ddp", (*extra, *TWO_X4)))
+        if case not in WHOLE_BATCH_ONLY:
+            runs.append(Run(case, "2x2 acc2 ddp", (*extra, *TWO_X2_ACC2)))
         if _supported([*extra, *FSDP]):
             runs.append(Run(case, "2x4 fsdp", (*extra, *TWO_X4, *FSDP)))
     runs.append(Run("logistic", "2x2 acc2 fsdp", (*CASES["logistic"], *TWO_X2_ACC2, *FSDP)))
@@ -141,7 +151,11 @@ class Outcome:
     def update(self) -> dict[str, torch.Tensor]:
         # StyleGAN2's `w_avg` is a running statistic, not a trained weight: each rank moves it by
         # its own batch and rank 0's wins (as a BatchNorm mean would), so it depends on the split.
-        return {k: self.final[k] - self.initial[k] for k in self.initial if not k.endswith("w_avg")}
+        # Spectral norm's power-iteration vectors (`_u`, `_v`) are not trained weights either: under
+        # FSDP they take extra iterations outside the steps (measured: only they differed, by up to
+        # 8e-3, while every trained weight agreed within 1e-7 and so did both steps' grad norms).
+        return {k: self.final[k] - self.initial[k] for k in self.initial
+                if not k.endswith(("w_avg", "._u", "._v"))}
 
 
 def _launch(tmp: Path, name: str, runs: list[Run], processes: int, timeout: float) -> list[Outcome]:
@@ -206,7 +220,9 @@ def _splits(outcomes, case: str) -> list[str]:
 def test_every_split_has_the_gradient_of_one_process_with_the_whole_batch(outcomes, case):
     reference = outcomes[(case, "1x8")]
     splits = _splits(outcomes, case)
-    assert "2x4 ddp" in splits and "1x4 acc2" in splits and "2x4 zero2" in splits
+    assert "2x4 ddp" in splits and "2x4 zero2" in splits and ("1x4 acc2" in splits or case in WHOLE_BATCH_ONLY)
+    if case == "projected":
+        assert {"2x4 fsdp", "2x4 zero0", "2x4 zero1"} <= set(splits), splits
     failures = []
     for split in splits:
         other = outcomes[(case, split)]

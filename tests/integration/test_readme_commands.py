@@ -164,6 +164,8 @@ HOW: dict[str, tuple[str, str]] = {
                  "test_finetune_starts_from_the_source_fresh_and_keeps_frozen_blocks"),
     "distgan export --ckpt runs/default --out exports/emoji": (RUN, ""),
     "distgan sample --ckpt exports/emoji --n 64 --out grid.png": (RUN, ""),
+    "distgan import network-snapshot.pkl --out exports/ffhq":
+        (MAPPED, "official pickles are not downloaded in tests; tests/unit/test_import.py::test_cli_import_then_sample"),
     "distgan sweep configs/sweeps/lr-grid.yaml --dry-run": (RUN, ""),
     "distgan report runs/sweep-lr-grid/trial-000 runs/sweep-lr-grid/trial-001 --json":
         (MAPPED, "needs a finished sweep; tests/unit/test_compare.py::test_report_command_compares_a_sweep_folder_glob"),

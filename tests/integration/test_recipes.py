@@ -5,8 +5,8 @@ not fade either). A recipe that fails here is fixed or removed, not skipped.
 
 What the shrinking keeps: the recipe's architecture, objective, regularizers and their schedule
 shapes, augmentation, optimizer settings (learning rates, betas, D steps) and precision. What
-it changes: data (the 16x16 test shards, so no recipe needs its dataset here), resolution,
-widths, batch, run length, and no FID.
+it changes: data (the 16x16 test shards, so no recipe needs its dataset here), resolution (and
+the projected discriminator's input side), widths, batch, run length, and no FID.
 
 The GPU recipes are also held to what a GPU run needs, without a GPU: the paper's global batch
 as `train.global_batch`, split evenly over 1, 8 and 64 GPUs, a per-process micro-batch whose
@@ -31,14 +31,16 @@ RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 STEPS = 24
 
 GPU_RECIPES = {"r3gan-cifar10": 512, "r3gan-ffhq-64": 256, "r3gan-ffhq-256": 256, "stylegan2-ada-auto-256": 64,
-               "stylegan2-ada-paper256": 64, "resnet-64": 64}
+               "stylegan2-ada-paper256": 64, "resnet-64": 64, "projected-cifar10": 64, "projected-ffhq-256": 64}
 """Recipes meant for GPUs (their first line says GPU) and the global batch each paper trains:
 brownvc/R3GAN's README (`--gpus=8 --batch=512` CIFAR-10, `--batch=256` FFHQ-64/256), NVlabs
-stylegan2-ada-pytorch's `paper256` and `auto` at 256x256 on 8 GPUs (64), SNGAN's 64."""
+stylegan2-ada-pytorch's `paper256` and `auto` at 256x256 on 8 GPUs (64), SNGAN's 64, Projected GAN's
+`--batch=64`."""
 WORLD_SIZES = (1, 8, 64)
 
 TINY = {"data.resolution": "16", "data.batch_size": "8", "data.workers": "0", "model.z_dim": "16",
-        "model.g_width": "8", "model.d_width": "8", "model.widths": "[]", "train.global_batch": "null",
+        "model.g_width": "8", "model.d_width": "8", "model.widths": "[]", "model.projected_resolution": "0",
+        "train.global_batch": "null",
         "optim.accumulate": "1", "train.steps": str(STEPS), "train.log_every": "4", "train.sample_every": "1000",
         "train.ckpt_every": "1000", "train.resume": "none", "eval.every_kimg": "0", "logging.wandb": "off",
         "train.progress": "false"}

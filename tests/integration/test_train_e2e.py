@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,10 @@ ENTRIES = {
 """Every way to start `distgan train` (accelerate launch runs the script or module the same way)."""
 
 
-def run_train(args: list[str], entry: str = "script", timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(ENTRIES[entry] + args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run_train(args: list[str], entry: str = "script", timeout: int = 180,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(ENTRIES[entry] + args, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **env} if env else None)
 
 
 def test_train_script_writes_a_complete_run_folder(tiny_shards, tmp_path):
@@ -178,10 +181,12 @@ def test_python_api_trains(tiny_shards, tmp_path):
 
 def test_time_budget_ends_the_run_as_finished(tiny_shards, tmp_path):
     """train.max_minutes stops a run with far more steps than it can do, as a finished run:
-    the last step logged, sampled and checkpointed, DONE written; `minutes` is logged each row."""
+    the last step logged, sampled and checkpointed, DONE written; `minutes` is logged each row.
+    The progress bar (on here) ends at that step, not at train.steps."""
     run = tmp_path / "run"
     proc = run_train(tiny_overrides(tiny_shards, run, "train.steps=100000", "train.max_minutes=0.02",
-                                    "train.log_every=1", "train.ckpt_every=100000", "train.sample_every=100000"))
+                                    "train.log_every=1", "train.ckpt_every=100000", "train.sample_every=100000",
+                                    "train.progress=true"), env={"DISTGAN_NO_PROGRESS": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]["step"]
@@ -190,3 +195,5 @@ def test_time_budget_ends_the_run_as_finished(tiny_shards, tmp_path):
     assert all(a["minutes"] <= b["minutes"] for a, b in zip(rows, rows[1:]))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{last:09d}"
     assert (run / "samples" / f"ema-{last:09d}.png").is_file() and (run / "DONE").read_text().strip() == str(last)
+    final_bar = proc.stderr.replace("\r", "\n").split("train (ends by time")[-1]
+    assert f"{last}/{last} [" in final_bar and "/100000" not in final_bar, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from distgan.metrics import EvalError, InceptionWeightsNotFound, build_extractor, evaluate, resolve_inception_weights
 from distgan.metrics.extractors import FID_WEIGHTS_NAME, FIDInceptionV3, _Conv, fid_helper_weights_path
@@ -56,8 +57,11 @@ def test_fid_kid_same_data_zero_and_noise_large():
     assert abs(same["kid"]) < 0.01 * far["kid"] and far["kid"] > 0.1
     # Precision/recall: the same set covers itself; noise lies outside the real manifold.
     assert (same["precision"], same["recall"]) == (1.0, 1.0) and far["precision"] < 0.05
-    assert same | {"fid": 0, "kid": 0, "kid_std": 0} == {"fid": 0, "kid": 0, "kid_std": 0, "precision": 1.0, "recall": 1.0,
-                                                           "n_real": 256, "n_fake": 256, "resize": "none", "extractor": "tiny"}
+    # SWD (pixels; the same set gives a small number: its patches are drawn at other positions).
+    assert far["swd"] > 3 * max(same["swd"], near["swd"]) and same["swd_n"] == 256
+    scored = {"fid": 0, "kid": 0, "kid_std": 0, "swd": 0, "swd_32": 0, "swd_16": 0}
+    assert same | scored == {**scored, "precision": 1.0, "recall": 1.0, "n_real": 256, "n_fake": 256,
+                             "resize": "none", "extractor": "tiny", "swd_n": 256}
 
 
 def test_batching_grayscale_and_labels_do_not_change_the_set():
@@ -103,7 +107,14 @@ def test_real_feature_cache_second_call_reads_no_images(tmp_path):
     files = list(tmp_path.glob("real-tiny-*.safetensors"))
     assert len(files) == 1 and pulled == [16] * 4
     second = evaluate(noise, Z, 0, stream(), 64, resolution=32, **kw)
-    assert pulled == [16] * 4 and second == first  # nothing read: features came from the file
+    # No extractor pass on the reals: features came from the file; the images are read again only
+    # for SWD, which needs pixels (not cached).
+    assert pulled == [16] * 8 and second == first
+    cached = load_file(str(files[0]))["features"]
+    save_file({"features": cached + 1.0}, str(files[0]))
+    moved = evaluate(noise, Z, 0, stream(), 64, resolution=32, **kw)
+    assert moved["fid"] != first["fid"] and moved["swd"] == first["swd"]  # FID from the file, SWD from pixels
+    save_file({"features": cached}, str(files[0]))
     # Another count or data id is another key; resolution=None peeks the first batch.
     evaluate(noise, Z, 0, stream(), 48, **kw)
     evaluate(noise, Z, 0, stream(), 64, **{**kw, "real_id": "other"})

@@ -133,7 +133,7 @@ SCHEDULED = ["optim.g_lr={start: 0.002, end: 0.0005, kimg: 1}", "optim.d_betas=[
              "loss.r1_gamma={start: 1.0, end: 0.1, kimg: 1}", "optim.ema_halflife_kimg={start: 0, end: 0.5, kimg: 1}",
              "loss.augment=bgc", "loss.augment_p={start: 0.1, end: 0.5, kimg: 1}"]
 BGC_FLOAT = ["loss.augment=bgc", "loss.augment_p=0.3"]
-ADA = ["loss.augment=bgc", "loss.augment_p=0.2", "loss.ada_target=0.6", "loss.ada_kimg=1", "loss.ada_interval=1"]
+ADA = ["loss.augment=bgc-r3gan", "loss.augment_p=0.2", "loss.ada_target=0.6", "loss.ada_kimg=1", "loss.ada_interval=1"]
 DIFFAUGMENT = ["loss.diffaugment=color,translation,cutout"]
 STYLEGAN2 = ["model.arch=stylegan2", "model.widths=[16,8,8]", "model.mapping_layers=2", "model.mbstd_group=2",
              "model.style_mixing_prob=0.9"]

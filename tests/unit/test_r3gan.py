@@ -59,13 +59,56 @@ def test_no_normalization_layers_and_samples_independent():
     assert torch.allclose(D(x)[:2], D(x[:2]), atol=1e-5)  # per-sample logits: R1/R2 are per-sample
 
 
-def test_resampling_keeps_constant_images_and_shapes():
+TAPS = (1.0, 3.0, 3.0, 1.0)  # R3GAN's [1,2,1] convolved with [1,1] (R3GAN/Resamplers.py, CreateLowpassKernel)
+
+
+def upfirdn2d_loop(x, up, down, pad0, pad1, gain):
+    """upfirdn2d's definition, written out pixel by pixel in float64: insert up-1 zeros after each
+    pixel, pad with pad0/pad1 zeros before/after, correlate with the normalized outer product of
+    TAPS times `gain` (symmetric, so convolution alike), keep every down-th pixel."""
+    kernel = [[a * b * gain / 64 for b in TAPS] for a in TAPS]
+    n, c, h, w = x.shape
+    grid = torch.zeros(n, c, h * up + pad0 + pad1, w * up + pad0 + pad1, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            grid[:, :, pad0 + i * up, pad0 + j * up] = x[:, :, i, j].double()
+    out = torch.zeros(n, c, (grid.shape[2] - 3 + down - 1) // down, (grid.shape[3] - 3 + down - 1) // down,
+                      dtype=torch.float64)
+    for oi in range(out.shape[2]):
+        for oj in range(out.shape[3]):
+            for ki in range(4):
+                for kj in range(4):
+                    out[:, :, oi, oj] += kernel[ki][kj] * grid[:, :, oi * down + ki, oj * down + kj]
+    return out
+
+
+def test_resampling_equals_upfirdn2d_with_zero_padding_at_every_pixel():
+    """R3GAN's `upsample2d(x, f)` is upfirdn2d with up=2, padding (2, 1), gain 4; `downsample2d`
+    is down=2, padding (1, 1) (R3GAN/torch_utils/ops/upfirdn2d.py). Zeros beyond the image: the
+    border differs from clamped/replicated edges, so every pixel is compared, border included."""
+    x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    up, down = Upsample(3, 3), Downsample(3, 3)
+    expected_up = upfirdn2d_loop(x, up=2, down=1, pad0=2, pad1=1, gain=4).float()
+    assert expected_up.shape == (2, 3, 10, 12)
+    torch.testing.assert_close(up(x), expected_up, atol=1e-6, rtol=0)
+    x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(1))
+    expected_down = upfirdn2d_loop(x, up=1, down=2, pad0=1, pad1=1, gain=1).float()
+    assert expected_down.shape == (2, 3, 4, 3)
+    torch.testing.assert_close(down(x), expected_down, atol=1e-6, rtol=0)
+
+
+def test_resampling_keeps_constant_images_inside_and_darkens_the_zero_padded_border():
     x = torch.full((2, 3, 8, 8), 0.7)
     up, down = Upsample(3, 3), Downsample(3, 3)
     assert up(x).shape == (2, 3, 16, 16) and down(x).shape == (2, 3, 4, 4)
-    # [1,2,1]-filtered: a constant image stays constant away from the zero-padded border.
-    assert torch.allclose(up(x)[..., 2:-2, 2:-2], torch.full((2, 3, 12, 12), 0.7), atol=1e-6)
+    # [1,2,1]-filtered: a constant image stays constant away from the border ...
+    assert torch.allclose(up(x)[..., 1:-1, 1:-1], torch.full((2, 3, 14, 14), 0.7), atol=1e-6)
     assert torch.allclose(down(x)[..., 1:-1, 1:-1], torch.full((2, 3, 2, 2), 0.7), atol=1e-6)
+    # ... and the zeros beyond it weigh 1/4 (up) or 1/8 (down) on each border row/column.
+    border_up = torch.tensor([0.75] + [1.0] * 14 + [0.75])
+    torch.testing.assert_close(up(x)[0, 0], 0.7 * border_up.outer(border_up))
+    border_down = torch.tensor([0.875, 1.0, 1.0, 0.875])
+    torch.testing.assert_close(down(x)[0, 0], 0.7 * border_down.outer(border_down))
 
 
 def test_runs_in_bf16_and_under_autocast():
