@@ -55,16 +55,23 @@ def export_run(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, fo
     tmp.mkdir(parents=True)
     try:
         shutil.copyfile(source.file("G_ema"), tmp / WEIGHTS_FILE)
-        z, c = fixed_latents(n, G.z_dim, G.num_classes, seed, "cpu")
-        save_grid(generate(G, z, c), tmp / GRID_FILE, nrow=per_row)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / CARD_FILE).write_text(model_card(meta, terms, out.name))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish_export(tmp, out, G, n, per_row, seed, meta, model_card(meta, terms, out.name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def publish_export(tmp: Path, out: Path, G: Any, n: int, per_row: int, seed: int, meta: dict[str, Any],
+                   card: str) -> None:
+    """Finish an export folder being written at `tmp` (weights already there): the sample grid
+    from fixed latents, config.json and the card; then move it into place at `out` in one rename."""
+    z, c = fixed_latents(n, G.z_dim, G.num_classes, seed, "cpu")
+    save_grid(generate(G, z, c), tmp / GRID_FILE, nrow=per_row)
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    (tmp / CARD_FILE).write_text(card)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
 
 
 def measured_metrics(ckpt: Path, step: int) -> dict[str, Any]:

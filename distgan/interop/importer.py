@@ -30,13 +30,14 @@ import distgan
 from distgan.checkpoint.files import sha256
 from distgan.config import load_config
 from distgan.errors import CheckpointError
-from distgan.export.folder import (CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, GRID_FILE, RAW_WEIGHT_FILES,
+from distgan.export.build import publish_export
+from distgan.export.folder import (CONFIG_FILE, FORMAT, FORMAT_VERSION, GRID_FILE, RAW_WEIGHT_FILES,
                                    WEIGHTS_FILE)
 from distgan.interop.safe_pickle import PersistentRecord, load_records
 from distgan.interop.stylegan2_ada import (NETWORKS, UnsupportedNetworkError, fill, flatten, infer_config,
                                            map_discriminator, map_generator)
 from distgan.models import build_models
-from distgan.sampling import fixed_latents, generate, grid_layout, load_generator, save_grid
+from distgan.sampling import grid_layout, load_generator
 
 SOURCE_FORMAT = "stylegan2-ada-pytorch"
 LICENSE_NOTE = (
@@ -108,13 +109,7 @@ def import_pickle(pkl: str | Path, out: str | Path, n: int = 16, seed: int = 0, 
         G, _, _ = load_generator(tmp)  # the export reads back as distgan reads any export
         n, per_row = grid_layout(n, num_classes)
         meta["samples"].update(n=n, per_row=per_row)
-        z, c = fixed_latents(n, G.z_dim, G.num_classes, seed, "cpu")
-        save_grid(generate(G, z, c), tmp / GRID_FILE, nrow=per_row)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / CARD_FILE).write_text(import_card(meta, out.name))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish_export(tmp, out, G, n, per_row, seed, meta, import_card(meta, out.name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
