@@ -102,8 +102,14 @@ class LossConfig:
     """ADA speed: p can move from 0 to 1 in this many thousand images."""
     ada_interval: int = setting(4, at_least=1)
     """ADA adjusts p every this many D steps, from the signs of D(real) since the last adjustment."""
-    augment_p_max: float = setting(1.0, at_least=0, at_most=1)
-    """Upper bound of ADA's p (it is always clamped at 0 below)."""
+    augment_p_max: float = setting(0.0, at_least=0)
+    """Upper bound of ADA's p; 0: none, as NVlabs (p may pass 1, and must then come back down
+    through the excess before augmentation lessens; a probability above 1 acts as 1). E.g. 1 makes
+    p respond at the next adjustment once it falls. It is always clamped at 0 below."""
+    augment_supersample: bool = True
+    """Warp the `augment` pipeline's geometric ops at 2x between sym6 wavelet filters, with
+    reflect-padded borders (NVlabs': no aliasing leaks at high p). false: sample once at the
+    image's resolution (~10x cheaper on small CPU images; aliases at high p)."""
     pl_weight: float = setting(0.0, at_least=0)
     """Path-length regularization weight (StyleGAN2: 2); 0 turns it off. Needs a generator with a
     mapping network (`model.arch: stylegan2`); runs as a lazy G phase `Greg`."""
@@ -113,6 +119,19 @@ class LossConfig:
     """The path-length phase uses batch_size / this latents (StyleGAN2: 2)."""
     pl_decay: float = setting(0.01, greater_than=0, at_most=1)
     """Update rate of the running mean `a` of path lengths that the penalty pulls towards."""
+    pl_target: str = setting("updated", choices=("updated", "phase_start"))
+    """What the path-length penalty pulls towards. `updated` (NVlabs): `a` moved by this
+    micro-batch's mean length, with the gradient flowing through that mean (its `pl_decay` share).
+    `phase_start`: `a` as the phase began, a constant. Either way `a` itself then moves by the mean
+    over every micro-batch and rank, so it stays the same on every rank."""
+    g_reals: str = setting("fresh", choices=("fresh", "reuse"))
+    """Real images of a relativistic objective's (`rpgan`) G step: `fresh` draws its own batch
+    (R3GAN's training loop; not counted as images shown to D), `reuse` takes those of the step's
+    last D phase (one batch fewer to load per step)."""
+    fake_labels: str = setting("data", choices=("data", "uniform"))
+    """Class labels of the fakes G makes for a conditional model (when they are not paired with
+    reals): `data` draws them from the training set's class frequencies (NVlabs draws dataset
+    labels), `uniform` from all classes alike."""
 
     def r2(self) -> Scheduled:
         """`r2_gamma`, or its default when unset: `r1_gamma` under rpgan, else 0."""
@@ -424,7 +443,7 @@ def validate(cfg: Config) -> None:
     if loss.ada and not loss.augment_p.constant:
         raise ConfigError("loss.augment_p is a schedule, but ADA (loss.ada_target > 0) sets p itself: give augment_p "
                           "as one number (ADA's starting p) or set loss.ada_target=0.")
-    if loss.ada and loss.augment_p.at(0) > loss.augment_p_max:
+    if loss.ada and loss.augment_p_max and loss.augment_p.at(0) > loss.augment_p_max:
         raise ConfigError(f"loss.augment_p={loss.augment_p.at(0)} is above loss.augment_p_max={loss.augment_p_max}.")
     if cfg.loss.diffaugment:
         for p in cfg.loss.diffaugment.split(","):
@@ -437,6 +456,7 @@ def frozen_keys() -> tuple[str, ...]:
     return ("data.resolution", "data.channels", "model.arch", "model.z_dim", "model.g_width", "model.d_width",
             "model.conditional", "model.widths", "model.blocks_per_stage", "model.expansion", "model.group_size", "loss.objective", "optim.g_lr", "optim.d_lr", "optim.g_betas", "optim.d_betas",
             "loss.r1_interval", "loss.pl_interval", "optim.d_steps", "model.freeze_d", "model.w_dim", "model.mapping_layers",
+            "model.d_mapping_layers",
             "model.d_arch", "model.projected_resolution", "model.projected_scales")
 
 

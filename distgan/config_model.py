@@ -51,17 +51,27 @@ class ModelConfig:
     w_dim: int = setting(0, at_least=0)
     """stylegan2: width of the intermediate latent w (0: same as z_dim)."""
     mapping_layers: int = setting(8, at_least=1)
-    """stylegan2: FC layers of the mapping network z -> w (also of D's class-embedding map)."""
+    """stylegan2: FC layers of G's mapping network z -> w."""
+    d_mapping_layers: int = setting(8, at_least=1)
+    """stylegan2, conditional: FC layers of D's class-embedding map (NVlabs: 8 whatever G's mapping
+    depth, since its train.py never sets D's; only a conditional D has this map)."""
     style_mixing_prob: float = setting(0.0, at_least=0, at_most=1)
     """stylegan2: probability per training batch of mixing two latents' styles at a random layer
     (StyleGAN2: 0.9)."""
     mbstd_group: int = setting(4, at_least=1)
     """stylegan2: group size of D's minibatch standard deviation layer. Reals and fakes are grouped
     apart, each in groups of min(mbstd_group, per-process batch) (as NVlabs' separate forwards),
-    lowered to a divisor of that batch when it does not divide it."""
-    lowp_stages: int = setting(0, at_least=0)
-    """stylegan2: under bf16/fp16 autocast, run only this many highest-resolution blocks of G and D
-    in low precision and the rest in fp32 (StyleGAN2-ADA: 4); 0: every block follows autocast."""
+    lowered to a divisor of that batch when it does not divide it (NVlabs asserts instead)."""
+    mbstd_layout: str = setting("strided", choices=("strided", "consecutive"))
+    """stylegan2: which samples share a minibatch-std group. `strided` (NVlabs): sample i with
+    i + N/G, i + 2N/G, ...; `consecutive`: runs of G neighbours (0..G-1, G..2G-1, ...), so that 2
+    processes x B form the same groups as 1 x 2B (exact comparisons across process counts)."""
+    lowp_stages: int = setting(-1, at_least=-1)
+    """stylegan2, r3gan: under bf16/fp16 autocast, run only this many highest-resolution stages of G
+    and D in low precision and the rest in fp32 (stylegan2: with G's mapping and 4x4 block and D's
+    epilogue, as NVlabs' `num_fp16_res`; r3gan: with G's basis and D's head, as R3GAN's
+    `FP16Stages`). -1: the reference's count (stylegan2: 4; r3gan: its presets' min(4, stages - 1));
+    0: every stage follows autocast."""
     conv_clamp: float = setting(0.0, at_least=0)
     """stylegan2: clamp conv activations to +-this (StyleGAN2-ADA: 256 with low precision); 0: no
     clamp."""

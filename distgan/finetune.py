@@ -5,8 +5,8 @@
   the same network shape (`NETWORK_KEYS`); a mismatch is a ConfigError naming the key.
 - `model.freeze_d=K` freezes D's first K blocks (FreezeD, Mo et al. 2020). What a block is, each
   architecture declares in the model registry (`register_arch(d_blocks=...)`).
-- `model.reinit_class_embedding=true` leaves the class embeddings (every `nn.Embedding` of G
-  and D) at their fresh initialisation; required when the new data has another class count.
+- `model.reinit_class_embedding=true` leaves the class embeddings (`class_embedding_keys`) of G
+  and D at their fresh initialisation; required when the new data has another class count.
 
 `prepare_finetune` runs in `run.run` after the networks are built and before the backend wraps
 them (freezing must happen before the optimizers are built); the EMA generator, which the
@@ -31,8 +31,11 @@ from distgan.weights import WeightsSource, open_weights
 log = logging.getLogger("distgan")
 
 NETWORK_KEYS = ("model.arch", "data.resolution", "data.channels", "model.z_dim", "model.g_width", "model.d_width",
-                "model.g_norm", "model.conditional")
-"""Config keys that shape the networks: a fine-tuning source must agree on each."""
+                "model.g_norm", "model.conditional", "model.widths", "model.w_dim", "model.mapping_layers",
+                "model.d_mapping_layers")
+"""Config keys that shape the networks: a fine-tuning source must agree on each (a source whose
+config predates a key is not checked on it). Keys that change no weight's shape (e.g.
+`model.mbstd_layout`, `model.mbstd_group`) may differ."""
 
 
 @dataclass
@@ -141,8 +144,10 @@ def _stay_in_eval(module: nn.Module, args) -> None:
 
 
 def class_embedding_keys(module: nn.Module) -> frozenset[str]:
-    """State-dict keys of every `nn.Embedding` (class embeddings: conditional norms, projection D)."""
-    return frozenset(f"{name}.{key}" for name, m in module.named_modules() if isinstance(m, nn.Embedding)
+    """State-dict keys of every class embedding: each `nn.Embedding` (conditional norms, projection
+    D) and each layer marked `is_class_embedding` (StyleGAN2's linear map of one-hot labels)."""
+    return frozenset(f"{name}.{key}" for name, m in module.named_modules()
+                     if isinstance(m, nn.Embedding) or getattr(m, "is_class_embedding", False)
                      for key in m.state_dict())
 
 

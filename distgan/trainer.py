@@ -133,7 +133,7 @@ class Trainer:
         self.ada = AdaptiveAugment(backend, loss.augment_p.at(0), loss.ada_target, loss.ada_kimg, loss.ada_interval,
                                    loss.augment_p_max, self.images_per_step) if loss.ada else None
         self.objective = GANObjective(loss, G.z_dim, self.num_classes, cfg.data.batch_size, backend.device, noise,
-                                      ada=self.ada)
+                                      ada=self.ada, class_counts=getattr(stream.info, "class_counts", None))
         self._no_real = [(None, None)] * self.accumulate
         self._skip_nonfinite = cfg.train.on_nonfinite == "skip"
 
@@ -326,20 +326,22 @@ class Trainer:
         handles for gradient norms (a pass over all gradients: on log steps only)."""
         st = self.state
         nimg_before = st.nimg  # the EMA ramp-up counts the images seen before this step (NVlabs)
+        d_steps_before = st.d_step
         if self.hyper.varies:
             self.apply_hyperparameters()
         batches = self._no_real
         for phase in self.schedule.due(st.step):
-            if phase.real == REAL_FRESH:
+            if phase.draws_reals:
                 batches = [self._next_batch() for _ in range(self.accumulate)]
+            if phase.real == REAL_FRESH:  # images shown to D (a G phase's own reals are not)
                 st.nimg += self.images_per_step
                 st.d_step += 1
             self._run_phase(phase, self._no_real if phase.real == REAL_NONE else batches, measure)
-            if self.ada is not None and phase.real == REAL_FRESH:
-                self.ada.d_step_done(st.d_step)
+        if self.ada is not None:  # after all phases (NVlabs): a lazy R1 phase's reals count towards this adjustment
+            self.ada.d_steps_done(d_steps_before, st.d_step)
         # BatchNorm running stats drift apart per rank; rank 0's win before the EMA copies them.
         self.backend.broadcast_buffers("G")
-        self.ema.update(self.backend.module("G"), self.images_per_step, nimg_before)
+        self.ema.update(self.backend.module("G"), st.nimg - nimg_before, nimg_before)  # all d_steps' images
 
     def apply_hyperparameters(self) -> dict[str, float]:
         """Set the scheduled settings to their values at the images seen so far."""

@@ -61,10 +61,10 @@ def build(reference: Path, spec: tuple, seed: int):
     common = dict(c_dim=c_dim, img_resolution=res, img_channels=ch)
     G = networks.Generator(**G_kwargs, **common).train().requires_grad_(False)
     D = networks.Discriminator(**D_kwargs, **common).train().requires_grad_(False)
-    _randomize(G)
-    _randomize(D)
+    randomize(G)
+    randomize(D)
     G_ema = copy.deepcopy(G).eval()
-    _randomize(G_ema, scale=0.05, add=True)  # G_ema differs from G, so a swapped mapping shows
+    randomize(G_ema, scale=0.05, add=True)  # G_ema differs from G, so a swapped mapping shows
     pipe = augment.AugmentPipe(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1,
                                contrast=1, lumaflip=1, hue=1, saturation=1).train().requires_grad_(False)
     pipe.p.copy_(torch.as_tensor(0.25))
@@ -90,7 +90,7 @@ def build(reference: Path, spec: tuple, seed: int):
     return snapshot, expected
 
 
-def _randomize(module: torch.nn.Module, scale: float = 0.2, add: bool = False) -> None:
+def randomize(module: torch.nn.Module, scale: float = 0.2, add: bool = False) -> None:
     """Random values where the init is constant (biases, noise strengths, w_avg: N(0, scale^2));
     with `add`, a perturbation of every tensor. Resampling filters and noise images are kept."""
     with torch.no_grad():

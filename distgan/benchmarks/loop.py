@@ -57,7 +57,8 @@ class PlainLoop:
         self.signs = torch.zeros(2, device=device)
         self.ada_step = cfg.data.batch_size * loss.ada_interval / (loss.ada_kimg * 1000)
         p0 = self.p if loss.ada else loss.augment_p.at(0)
-        pipe = AugmentPipe(p0, multipliers(loss.augment, loss.augment_ops)) if loss.augment else None
+        pipe = (AugmentPipe(p0, multipliers(loss.augment, loss.augment_ops), supersample=loss.augment_supersample)
+                if loss.augment else None)
         policy = cfg.loss.diffaugment
         self.augment = lambda x: diff_augment(pipe(x) if pipe else x, policy) if policy else (pipe(x) if pipe else x)
         self.relativistic = cfg.loss.objective == "rpgan"
@@ -75,7 +76,8 @@ class PlainLoop:
         self.signs[1] += real_logits.numel()
         if self.i % self.loss.ada_interval == 0:
             rt = self.signs[0] / self.signs[1]
-            self.p.add_(torch.sign(rt - self.loss.ada_target) * self.ada_step).clamp_(0.0, self.loss.augment_p_max)
+            step = torch.sign(rt - self.loss.ada_target) * self.ada_step
+            self.p.add_(step).clamp_(0.0, self.loss.augment_p_max or None)  # augment_p_max 0: no upper bound
             self.signs.zero_()
 
     def _path_length_step(self) -> None:

@@ -14,13 +14,14 @@ from distgan.interop.importer import import_pickle
 @click.option("--seed", default=0, show_default=True, help="Latent seed of the sample grid.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 def import_command(pkl: str, out: str, n: int, seed: int, force: bool) -> None:
-    """Convert an NVlabs StyleGAN2-ADA network pickle (network-snapshot-*.pkl, or an official
-    pretrained one) into a distgan export: G_ema, G and D as safetensors, the inferred stylegan2
-    config, a model card naming the source and its license, a sample grid.
+    """Convert an NVlabs StyleGAN2-ADA or a brownvc/R3GAN network pickle (network-snapshot-*.pkl,
+    or an official pretrained one) into a distgan export: G_ema, G and D as safetensors, the
+    inferred stylegan2 or r3gan config, a model card naming the source and its license, a sample grid.
 
     The pickle is read with a restricted unpickler: no code from it runs (its embedded source is
     never executed); anything but network records, tensors and numbers is refused. StyleGAN3
-    pickles, and networks outside StyleGAN2 config F (skip G, resnet D), are refused naming why.
+    pickles, and networks outside StyleGAN2 config F (skip G, resnet D) or outside distgan's r3gan
+    (per-stage block counts or group sizes, another resampling filter), are refused naming why.
 
     \b
     Examples:

@@ -158,6 +158,8 @@ class _ShardWriter:
         self.tar: tarfile.TarFile | None = None
         self.tmp: Path | None = None
         self.count = self.total = 0
+        self.class_counts: dict[int, int] = {}
+        """Samples per label written so far (the manifest's `class_counts`)."""
 
     def _add(self, tar: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)  # fixed metadata: identical input -> identical bytes
@@ -172,6 +174,7 @@ class _ShardWriter:
         self._add(self.tar, f"{key}.{self.ext}", data)
         if label >= 0:
             self._add(self.tar, f"{key}.cls", str(label).encode())
+            self.class_counts[label] = self.class_counts.get(label, 0) + 1
         self.count += 1
         self.total += 1
         if self.count == self.shard_size:
@@ -265,7 +268,10 @@ def write_shards(source: str | Source, out: str | os.PathLike, *, resolution: in
     manifest = {
         "format": "distgan-shards", "format_version": FORMAT_VERSION, "num_samples": writer.total,
         "shards": writer.shards, "resolution": resolution, "channels": channels, "image_format": fmt,
-        "class_names": list(src.class_names), "source": src.name, "crop": crop, "resize_filter": resize_filter,
+        "class_names": list(src.class_names),
+        # Samples per class: what a conditional G's fake labels are drawn from (`loss.fake_labels`).
+        "class_counts": [writer.class_counts.get(i, 0) for i in range(len(src.class_names))],
+        "source": src.name, "crop": crop, "resize_filter": resize_filter,
         "license": src.license, "skipped": len(skipped), "shuffled": shuffle, "seed": seed, "limit": limit,
         "distgan_version": distgan_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -74,6 +74,8 @@ class DatasetInfo:
     channels: int
     class_names: list[str]
     source: str
+    class_counts: list[int] | None = None
+    """Samples per class from the shards' manifest (None: shards made before it was recorded)."""
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +88,7 @@ class ShardSet:
     counts: list[int]
     class_names: list[str]
     resolution: int | None = None
+    class_counts: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------- finding shards
@@ -100,7 +103,7 @@ def resolve_shards(source: str, cache_dir: str, resolution: int, channels: int) 
         m = read_manifest(folder)
         if m is not None:
             return ShardSet([str(folder / s["name"]) for s in m["shards"]], [int(s["count"]) for s in m["shards"]],
-                            list(m.get("class_names", [])), m.get("resolution"))
+                            list(m.get("class_names", [])), m.get("resolution"), m.get("class_counts"))
         urls = sorted(str(p) for p in folder.glob("*.tar"))
         if not urls:
             raise DataError(f"{folder}: no {MANIFEST} and no *.tar shards")
@@ -459,5 +462,5 @@ def build_stream(data_cfg: Any, seed: int, rank: int = 0, world_size: int = 1) -
         warnings.warn(f"{data_cfg.source}: shards are {shards.resolution}px, training at {data_cfg.resolution}px; "
                       f"images are resized while decoding")
     info = DatasetInfo(sum(shards.counts), data_cfg.resolution, data_cfg.channels, shards.class_names,
-                       data_cfg.source)
+                       data_cfg.source, shards.class_counts)
     return ImageStream(data_cfg, seed, rank, world_size, shards, info)

@@ -9,14 +9,16 @@ multipliers; the presets live in `distgan.gan.augment_presets`); since D sees th
 distribution of augmentations on both sides and the ops are invertible in distribution at small
 p, G learns the clean data distribution ("non-leaking" augmentations).
 
-Implementation: every geometric op is a 3x3 matrix in normalized image coordinates; the product
-of the ops drawn for a sample maps output pixels to input positions, sampled once with
-`grid_sample` (bilinear, reflection padding; under `train.deterministic=true` its gather-based
-equivalent in `distgan.gan.sampler`, whose CUDA backward is deterministic). The color ops compose
-into one 4x4 matrix on homogeneous RGB. Two batched kernels per call, no per-sample loop, no
-custom ops, gradients flow to the input. NVlabs' version also supersamples 2x with a wavelet
-filter around the geometric step to reduce aliasing; that is left out here (a 4x cost on small
-CPU images).
+Implementation, number for number with NVlabs' AugmentPipe (golden fixtures in
+tests/fixtures/golden/augment): the same random draws in the same order and shapes (a CPU
+`generator` seeded s gives what `torch.manual_seed(s)` gives NVlabs), the same gating
+(`U(0,1) < multiplier x p`; p may exceed 1), every blit and geometric op a 3x3 matrix in pixel
+coordinates composed as NVlabs composes them, and the warp 2x supersampled with the sym6 wavelet
+with NVlabs' reflect-padded borders (`distgan.gan.resample`; grid_sample, or under
+`train.deterministic=true` its gather-based twin in `distgan.gan.sampler`). The color ops compose
+into one 4x4 matrix on homogeneous RGB. No per-sample loop, no custom ops, gradients flow to the
+input. One deliberate difference: a float `p` of 0 returns the images untouched, where NVlabs
+still runs the geometric step's filter round trip (an identity up to float rounding).
 
 `p` may be a Python float (a constant or a schedule's current value) or a 0-d tensor on the
 device (adaptive `p` updated without host syncs). Host syncs: none. A float `p` stays a Python
@@ -30,11 +32,10 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from distgan.gan.augment_presets import ALL_OPS, BGC_OPS
-from distgan.gan.sampler import sample
+from distgan.gan.augment_presets import ALL_OPS, BGC_OPS, BLIT_OPS, GEOMETRIC_OPS
+from distgan.gan.resample import single_warp, supersampled_warp
 
 # Strengths as in NVlabs' AugmentPipe defaults.
 XINT_MAX = 0.125  # integer translation, fraction of the image side
@@ -104,11 +105,12 @@ class AugmentPipe:
     multiplier x p; 0 or absent: not at all), as NVlabs' AugmentPipe keyword arguments.
     `generator` (optional) makes the draws reproducible: two pipes with generators in the same
     state give the same output, on any rank. Without one, draws come from torch's global RNG on
-    the images' device.
+    the images' device. `supersample` (default, NVlabs'): the warp at 2x between sym6 filters;
+    False: sampled once (`loss.augment_supersample=false`, ~10x cheaper on CPU, aliases).
     """
 
     def __init__(self, p: float | Tensor = 0.0, ops: tuple[str, ...] | Mapping[str, float] = BGC_OPS,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, supersample: bool = True):
         mult = dict(ops) if isinstance(ops, Mapping) else {op: 1.0 for op in ops}
         unknown = sorted(set(mult) - set(ALL_OPS))
         if unknown:
@@ -117,6 +119,7 @@ class AugmentPipe:
         self.mult = {op: float(m) for op, m in mult.items() if m > 0}
         self.ops = frozenset(self.mult)
         self.generator = generator
+        self.warp = supersampled_warp if supersample else single_warp
         self._luma: dict[torch.device, Tensor] = {}  # the gray axis per device, made once (no copy per call)
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -156,22 +159,26 @@ class AugmentPipe:
 
     # ------------------------------------------------------------------ geometric
     def _geometric(self, x: Tensor) -> Tensor:
+        """The blit and geometric ops as NVlabs draws and composes them: one matrix per sample
+        from output to input pixel coordinates (centred on the image), each op right-multiplying
+        the inverse of its transform; then the 2x supersampled warp (`distgan.gan.resample`)."""
         n, _, h, w = x.shape
         dev, ops = x.device, self.ops
-        m = _eye(n, 3, dev)  # output -> input coordinates (normalized, [-1, 1])
+        if not (set(BLIT_OPS + GEOMETRIC_OPS) & ops):
+            return x
+        m = _eye(n, 3, dev)
         if "xflip" in ops:
             flip = self._gate(torch.floor(self._rand(n, dev) * 2), 0.0, "xflip")
-            m = m @ _scale2d(1 - 2 * flip, torch.ones_like(flip))
+            m = m @ _scale2d(1 - 2 * flip, torch.ones_like(flip))  # its own inverse
         if "rotate90" in ops:
             quarter = self._gate(torch.floor(self._rand(n, dev) * 4), 0.0, "rotate90")
-            m = m @ _rotate2d(-math.pi / 2 * quarter)
+            m = m @ _rotate2d(math.pi / 2 * quarter)  # inverse of a turn by -quarter x 90 degrees
         if "xint" in ops:
             t = self._gate((self._rand(n, dev, 2) * 2 - 1) * XINT_MAX, 0.0, "xint")
-            # Whole pixels: 2 normalized units span the side.
-            m = m @ _translate2d(torch.round(t[:, 0] * w) * 2 / w, torch.round(t[:, 1] * h) * 2 / h)
+            m = m @ _translate2d(-torch.round(t[:, 0] * w), -torch.round(t[:, 1] * h))  # whole pixels
         if "scale" in ops:
             s = self._gate(torch.exp2(self._randn(n, dev) * SCALE_STD), 1.0, "scale")
-            m = m @ _scale2d(s, s)
+            m = m @ _scale2d(1 / s, 1 / s)
         # Rotation is split around the anisotropic scaling (as NVlabs): each half applied with
         # 1 - sqrt(1 - p_rotate), so that "any rotation" happens with probability p_rotate.
         p_rot = self._rotation_p() if "rotate" in ops else 0.0
@@ -179,16 +186,13 @@ class AugmentPipe:
             m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, "rotate", p_rot))
         if "aniso" in ops:
             s = self._gate(torch.exp2(self._randn(n, dev) * ANISO_STD), 1.0, "aniso")
-            m = m @ _scale2d(s, 1 / s)
+            m = m @ _scale2d(1 / s, s)
         if "rotate" in ops:
             m = m @ _rotate2d(self._gate((self._rand(n, dev) * 2 - 1) * math.pi * ROTATE_MAX, 0.0, "rotate", p_rot))
         if "xfrac" in ops:
             t = self._gate(self._randn(n, dev, 2) * XFRAC_STD, 0.0, "xfrac")
-            m = m @ _translate2d(t[:, 0] * 2, t[:, 1] * 2)
-        if not ({"xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac"} & ops):
-            return x
-        grid = F.affine_grid(m[:, :2, :], [n, x.shape[1], h, w], align_corners=False)
-        return sample(x, grid)  # grid_sample, or its deterministic twin under deterministic algorithms
+            m = m @ _translate2d(-t[:, 0] * w, -t[:, 1] * h)
+        return self.warp(x, m)
 
     def _rotation_p(self) -> float | Tensor:
         """1 - sqrt(1 - multiplier x p): the probability of each of the two rotation halves. A

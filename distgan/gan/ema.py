@@ -110,8 +110,9 @@ class EMA:
         self._source: nn.Module | None = None
 
     def update(self, source: nn.Module, batch_images: int, nimg: int) -> None:
-        """Move towards `source` (G's full weights) after a step of `batch_images` images; `nimg`:
-        the images seen before that step (the ramp-up's cur_nimg)."""
+        """Move towards `source` (G's full weights) after a step of `batch_images` images (every
+        D step's reals of that generator step: NVlabs' batch_size, whose iteration is one D
+        step); `nimg`: the images seen before that step (the ramp-up's cur_nimg)."""
         beta = ema_beta(batch_images, self.halflife_kimg, self.rampup, nimg)
         if beta >= 1.0:
             return

@@ -10,8 +10,9 @@ A new regularizer is a term here (a method registered in `TERMS`) plus its phase
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -26,6 +27,7 @@ from distgan.gan.phases import Phase
 from distgan.models.layers import independent_sets
 
 Stats = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class NoiseSource(Protocol):
@@ -42,11 +44,21 @@ class NoiseSource(Protocol):
 
 
 class TorchNoise:
-    """Draws from torch's global RNG (ranks are seeded differently, so each draws its own)."""
+    """Draws from torch's global RNG (ranks are seeded differently, so each draws its own).
+
+    Class labels follow `class_weights` (a device tensor of per-class weights, e.g. the data's
+    class counts: `torch.multinomial` samples on the device, no host sync), else are uniform."""
+
+    def __init__(self, class_weights: torch.Tensor | None = None):
+        self.class_weights = class_weights
 
     def latents(self, n, z_dim, num_classes, device):
         z = torch.randn(n, z_dim, device=device)
-        c = torch.randint(0, num_classes, (n,), device=device) if num_classes else None
+        c = None
+        if num_classes and self.class_weights is not None:
+            c = torch.multinomial(self.class_weights, n, replacement=True)
+        elif num_classes:
+            c = torch.randint(0, num_classes, (n,), device=device)
         return z, c
 
     def uniform(self, shape, like):
@@ -88,22 +100,38 @@ class GANObjective:
     augmentation probability that `ada` adapts (the pipeline reads its device tensor)."""
 
     def __init__(self, cfg: LossConfig, z_dim: int, num_classes: int, batch_size: int, device: torch.device,
-                 noise: NoiseSource | None = None, ada: AdaptiveAugment | None = None):
+                 noise: NoiseSource | None = None, ada: AdaptiveAugment | None = None,
+                 class_counts: Sequence[int] | None = None):
         self.cfg = cfg
         self.z_dim, self.num_classes = z_dim, num_classes
         self.batch_size = batch_size  # per-process batch of phases without real images
         self.device = device
-        self.noise = noise or TorchNoise()
+        self.noise = noise or TorchNoise(self._class_weights(cfg, num_classes, class_counts, device))
         self.relativistic = cfg.objective in RELATIVISTIC
         # Scheduled weights: the trainer sets their current values (`set_hyperparameters`).
         self.r1_gamma, self.r2_gamma = cfg.r1_gamma.at(0), cfg.r2().at(0)
         self.ada = ada
-        self.pipe = (AugmentPipe(ada.p if ada else cfg.augment_p.at(0), multipliers(cfg.augment, cfg.augment_ops))
+        self.pipe = (AugmentPipe(ada.p if ada else cfg.augment_p.at(0), multipliers(cfg.augment, cfg.augment_ops),
+                                 supersample=cfg.augment_supersample)
                      if cfg.augment else None)
         self._augment: Callable[[torch.Tensor], torch.Tensor] = self._augmenter(cfg.diffaugment, self.pipe)
         self.pl_mean = torch.zeros((), device=device)
         """Running mean `a` of the generator's path lengths (StyleGAN2), the penalty's target."""
         self._pl_sums = torch.zeros(2, device=device)  # [sum of lengths, count] of the running phase
+
+    @staticmethod
+    def _class_weights(cfg: LossConfig, num_classes: int, class_counts: Sequence[int] | None,
+                       device: torch.device) -> torch.Tensor | None:
+        """The fakes' class weights under `loss.fake_labels=data` (None: uniform). Made once here,
+        so that drawing labels in the step copies nothing from the host."""
+        if not num_classes or cfg.fake_labels != "data":
+            return None
+        if class_counts is None or len(class_counts) != num_classes or sum(class_counts) <= 0:
+            log.warning("loss.fake_labels=data: the data's manifest (dataset.json) records no class counts for its %d "
+                        "classes (shards made before distgan recorded them); fake labels are drawn uniformly. "
+                        "Re-make the shards with `distgan shards` to draw them from the data.", num_classes)
+            return None
+        return torch.tensor([float(n) for n in class_counts], device=device)
 
     @staticmethod
     def _augmenter(policy: str, pipe: AugmentPipe | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -254,11 +282,12 @@ class GANObjective:
         directions y, the length of J_w^T y should not depend on w. Penalizes (|J_w^T y| - a)^2,
         `a` the running mean of the lengths, on `batch_size / pl_batch_shrink` fresh latents.
 
-        The penalty pulls towards `a` as it stood when the phase began; `end_phase` then moves `a`
-        by the mean length over every micro-batch and rank (one small all-reduce per phase). So `a`
-        is the same on every rank, and 2 processes x B, 1 x 2B and accumulation give the same
-        update. (NVlabs moves `a` by the current batch first and lets its 1% share of the gradient
-        flow through it; with decay 0.01 the two differ by about that share.)"""
+        The penalty pulls towards `a` moved by this micro-batch's mean length, with the gradient
+        through that mean (`loss.pl_target=updated`, NVlabs), or towards `a` as it stood when the
+        phase began (`phase_start`). Then `end_phase` moves `a` itself by the mean length over
+        every micro-batch and rank (one small all-reduce per phase), so `a` is the same on every
+        rank (NVlabs keeps one per rank, moved per micro-batch; on one process with one micro-batch
+        the two agree exactly)."""
         cfg = self.cfg
         z, c = self.latents(max(1, self.batch_size // cfg.pl_batch_shrink))
         with h.autocast():
@@ -269,7 +298,10 @@ class GANObjective:
         lengths = grads.float().square().sum(2).mean(1).sqrt()
         self._pl_sums[0] += lengths.detach().sum()
         self._pl_sums[1] += lengths.numel()
-        penalty = (lengths - self.pl_mean).square()
+        target = self.pl_mean
+        if cfg.pl_target == "updated":  # NVlabs: a moved by this batch first, its gradient kept
+            target = self.pl_mean.lerp(lengths.mean(), cfg.pl_decay)
+        penalty = (lengths - target).square()
         # `images.sum() * 0` keeps every G parameter in the graph (the last bias gets no
         # path-length gradient), which the sharded backends expect of each backward.
         loss = cfg.pl_weight * penalty.mean() + images.float().sum() * 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from distgan.config import Config
 from distgan.gan.losses import RELATIVISTIC
 
-REAL_FRESH, REAL_LAST, REAL_NONE = "fresh", "last", "none"
+REAL_FRESH, REAL_OWN, REAL_LAST, REAL_NONE = "fresh", "own", "last", "none"
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class Phase:
     """Loss terms the objective runs and sums, e.g. ("d_adv",) or ("r1",)."""
     real: str = REAL_NONE
     """Real images it needs: `fresh` draws new micro-batches (counted as images shown to D),
-    `last` reuses the latest drawn ones, `none` needs none."""
+    `own` draws new ones that are not (R3GAN's G step), `last` reuses the latest drawn ones,
+    `none` needs none."""
     interval: int = 1
     """Run on every `interval`-th occurrence in the schedule (lazy regularization)."""
     gain: float = 1.0
@@ -40,6 +41,11 @@ class Phase:
     regularizer: bool = False
     """A separate regularization step of its network (lazy or not): that network's Adam is
     corrected for the extra steps (`lazy_reg_adam_params`)."""
+
+    @property
+    def draws_reals(self) -> bool:
+        """It takes new micro-batches from the data stream (`fresh` or `own`)."""
+        return self.real in (REAL_FRESH, REAL_OWN)
 
 
 class Schedule:
@@ -75,7 +81,8 @@ def build_phases(cfg: Config) -> list[Phase]:
 
     R1/R2 with `loss.r1_interval=1` run inside Dmain, differentiating the same D forward as the
     adversarial loss (R3GAN); a longer interval makes them a lazy Dreg phase of their own.
-    A relativistic objective's G phase reuses the reals of the step's last D phase. Path-length
+    A relativistic objective's G phase draws its own reals (`loss.g_reals=fresh`, R3GAN) or reuses
+    those of the step's last D phase (`reuse`). Path-length
     regularization (`loss.pl_weight`) is a lazy G phase every `loss.pl_interval` G steps.
     """
     loss = cfg.loss
@@ -90,7 +97,9 @@ def build_phases(cfg: Config) -> list[Phase]:
         k = loss.r1_interval
         d_phases.append(Phase("Dreg", "D", penalties, real=REAL_LAST, interval=k, gain=float(k),
                               double_backward=True, regularizer=True))
-    g_real = REAL_LAST if loss.objective in RELATIVISTIC else REAL_NONE
+    g_real = REAL_NONE
+    if loss.objective in RELATIVISTIC:
+        g_real = REAL_OWN if loss.g_reals == "fresh" else REAL_LAST
     g_phases = [Phase("Gmain", "G", ("g_adv",), real=g_real)]
     if loss.pl_weight > 0:  # StyleGAN2's path-length regularization, lazy like R1
         k = loss.pl_interval

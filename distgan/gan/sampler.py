@@ -7,10 +7,11 @@ and so the last bits of the gradient, change from run to run, and under
 does not have a deterministic implementation"). The G step back-propagates through augmented
 fakes and R1 through augmented reals, so bgc needs a differentiable warp there.
 
-`gather_sample` computes what `grid_sample(mode="bilinear", padding_mode="reflection",
-align_corners=False)` computes, from four `torch.gather` reads of the corner pixels and their
-bilinear weights. The backward of gather is a scatter-add, which PyTorch makes deterministic on
-CUDA under that flag (and which is twice differentiable, as R1 through the warp needs).
+`gather_sample` computes what `grid_sample(mode="bilinear", padding_mode=..., align_corners=False)`
+computes, for padding "reflection" or "zeros" (the supersampled bgc warp's), from four
+`torch.gather` reads of the corner pixels and their bilinear weights. The backward of gather is
+a scatter-add, which PyTorch makes deterministic on CUDA under that flag (and which is twice
+differentiable, as R1 through the warp needs).
 `sample` picks: the gather path while deterministic algorithms are on (on any device, so the CPU
 tests run the same code as a deterministic GPU run), `grid_sample` otherwise (one fused kernel).
 """
@@ -34,39 +35,53 @@ def _reflect(coord: Tensor, size: int) -> Tensor:
     return reflected.clamp(0, size - 1)
 
 
-def gather_sample(x: Tensor, grid: Tensor) -> Tensor:
-    """`F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)`
-    built from `torch.gather`. x: (N, C, H, W); grid: (N, Ho, Wo, 2) of (x, y) in [-1, 1]."""
+def gather_sample(x: Tensor, grid: Tensor, padding_mode: str = "reflection") -> Tensor:
+    """`F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)`
+    built from `torch.gather`, for padding_mode "reflection" or "zeros". x: (N, C, H, W); grid:
+    (N, Ho, Wo, 2) of (x, y) in [-1, 1]."""
+    if padding_mode not in ("reflection", "zeros"):
+        raise ValueError(f"gather_sample: padding_mode={padding_mode!r}; it has 'reflection' and 'zeros'")
     n, c, h, w = x.shape
     out_h, out_w = grid.shape[1:3]
     # Normalized [-1, 1] -> pixel coordinates (align_corners=False: -1 is the outer edge of pixel 0).
-    ix = _reflect(((grid[..., 0] + 1) * w - 1) / 2, w).reshape(n, 1, -1)
-    iy = _reflect(((grid[..., 1] + 1) * h - 1) / 2, h).reshape(n, 1, -1)
+    ix = ((grid[..., 0] + 1) * w - 1) / 2
+    iy = ((grid[..., 1] + 1) * h - 1) / 2
+    if padding_mode == "reflection":
+        ix, iy = _reflect(ix, w), _reflect(iy, h)
+    ix, iy = ix.reshape(n, 1, -1), iy.reshape(n, 1, -1)
     x0, y0 = torch.floor(ix), torch.floor(iy)
     x1, y1 = x0 + 1, y0 + 1
-    # After clipping a coordinate is at most size - 1, where the far corner's weight is 0: clamping
-    # its index keeps the read inside the image without changing the result.
-    cols = (x0.long(), x1.long().clamp(max=w - 1))
-    rows = (y0.long(), y1.long().clamp(max=h - 1))
+    # Reflection: after clipping a coordinate is at most size - 1, where the far corner's weight
+    # is 0, so clamping its index keeps the read inside without changing the result. Zeros: a
+    # corner outside the image reads a clamped pixel and counts 0 (grid_sample skips it).
+    cols = (x0.long().clamp(0, w - 1), x1.long().clamp(0, w - 1))
+    rows = (y0.long().clamp(0, h - 1), y1.long().clamp(0, h - 1))
     flat = x.reshape(n, c, h * w)
+    inside = {}
+    if padding_mode == "zeros":
+        in_x = ((x0 >= 0) & (x0 <= w - 1), (x1 >= 0) & (x1 <= w - 1))
+        in_y = ((y0 >= 0) & (y0 <= h - 1), (y1 >= 0) & (y1 <= h - 1))
+        inside = {(i, j): (in_y[i] & in_x[j]).to(x.dtype) for i in (0, 1) for j in (0, 1)}
 
-    def corner(row: Tensor, col: Tensor) -> Tensor:
-        return flat.gather(2, (row * w + col).expand(n, c, -1))
+    def corner(i: int, j: int) -> Tensor:
+        """The pixel at row corner i, column corner j (0: floor, 1: floor + 1) of each position."""
+        read = flat.gather(2, (rows[i] * w + cols[j]).expand(n, c, -1))
+        return read * inside[i, j] if inside else read
 
     # The same weights, in the same order, as PyTorch's bilinear grid sampler (nw, ne, sw, se).
-    out = (corner(rows[0], cols[0]) * ((x1 - ix) * (y1 - iy))
-           + corner(rows[0], cols[1]) * ((ix - x0) * (y1 - iy))
-           + corner(rows[1], cols[0]) * ((x1 - ix) * (iy - y0))
-           + corner(rows[1], cols[1]) * ((ix - x0) * (iy - y0)))
+    out = (corner(0, 0) * ((x1 - ix) * (y1 - iy))
+           + corner(0, 1) * ((ix - x0) * (y1 - iy))
+           + corner(1, 0) * ((x1 - ix) * (iy - y0))
+           + corner(1, 1) * ((ix - x0) * (iy - y0)))
     return out.reshape(n, c, out_h, out_w)
 
 
-def sample(x: Tensor, grid: Tensor) -> Tensor:
-    """Bilinear sampling with reflection padding (align_corners=False): `gather_sample` while
-    deterministic algorithms are on, `F.grid_sample` otherwise."""
+def sample(x: Tensor, grid: Tensor, padding_mode: str = "reflection") -> Tensor:
+    """Bilinear sampling (align_corners=False) with `padding_mode` "reflection" or "zeros":
+    `gather_sample` while deterministic algorithms are on, `F.grid_sample` otherwise."""
     if torch.are_deterministic_algorithms_enabled():
-        return gather_sample(x, grid)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return gather_sample(x, grid, padding_mode)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
 __all__ = ["gather_sample", "sample"]

@@ -1,7 +1,8 @@
 """`import_pickle`: a foreign network pickle -> an ordinary distgan export folder.
 
-The pickle is read by `safe_pickle` (nothing in it runs), converted by the format's module (today
-`stylegan2_ada`: NVlabs stylegan2-ada-pytorch; StyleGAN3 is refused naming why), and written as a
+The pickle is read by `safe_pickle` (nothing in it runs), converted by the format's module
+(`stylegan2_ada`: NVlabs stylegan2-ada-pytorch, StyleGAN3 refused naming why; `r3gan`: brownvc/R3GAN,
+chosen by the class of the pickle's G), and written as a
 `distgan export` (`distgan.export.folder`) that also carries the raw G and D:
 
     model.safetensors   G_ema (what `distgan sample` and `distgan.load_generator` draw from)
@@ -33,6 +34,7 @@ from distgan.errors import CheckpointError
 from distgan.export.build import publish_export
 from distgan.export.folder import (CONFIG_FILE, FORMAT, FORMAT_VERSION, GRID_FILE, RAW_WEIGHT_FILES,
                                    WEIGHTS_FILE)
+from distgan.interop import r3gan
 from distgan.interop.safe_pickle import PersistentRecord, load_records
 from distgan.interop.stylegan2_ada import (NETWORKS, UnsupportedNetworkError, fill, flatten, infer_config,
                                            map_discriminator, map_generator)
@@ -63,6 +65,9 @@ def read_networks(pkl: str | Path) -> dict[str, Any]:
 def convert_pickle(pkl: str | Path) -> tuple[dict[str, Any], int, dict[str, dict], dict[str, Any]]:
     """(config overrides, class count, distgan state dicts of G/D/G_ema, training_set_kwargs)."""
     data = read_networks(pkl)
+    kwargs = data.get("training_set_kwargs")
+    if r3gan.is_r3gan(data):  # dispatch on the pickle's classes: one converter per source format
+        return (*r3gan.convert(data), dict(kwargs) if isinstance(kwargs, dict) else {})
     overrides, num_classes = infer_config(data["G"], data["D"])
     cfg = load_config(None, overrides)
     G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, num_classes)
@@ -86,15 +91,18 @@ def import_pickle(pkl: str | Path, out: str | Path, n: int = 16, seed: int = 0, 
     cfg = load_config(None, {**overrides, "data.source": str(set_kwargs.get("path") or pkl),
                              "train.name": out.name, "model.noise_mode": "random"})
     kimg = _snapshot_kimg(pkl.name)
+    arch = cfg.model.arch
+    source, license_note = ((r3gan.SOURCE_FORMAT, r3gan.LICENSE_NOTE) if arch == "r3gan"
+                            else (SOURCE_FORMAT, LICENSE_NOTE))
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "distgan_version": distgan.__version__,
-        "generator": {"arch": "stylegan2", "resolution": cfg.data.resolution, "channels": cfg.data.channels,
+        "generator": {"arch": arch, "resolution": cfg.data.resolution, "channels": cfg.data.channels,
                       "z_dim": cfg.model.z_dim, "num_classes": num_classes,
                       "class_names": [str(i) for i in range(num_classes)]},
         "step": 0, "d_step": 0, "nimg": int(kimg * 1000), "kimg": kimg, "world_size": 1,
         "source_checkpoint": str(pkl), "samples": {"file": GRID_FILE, "n": 0, "per_row": 0, "seed": seed},
-        "metrics": {}, "data": {"source": cfg.data.source, "license": LICENSE_NOTE, "license_id": "other"},
-        "imported_from": {"format": SOURCE_FORMAT, "file": pkl.name, "sha256": sha256(pkl),
+        "metrics": {}, "data": {"source": cfg.data.source, "license": license_note, "license_id": "other"},
+        "imported_from": {"format": source, "file": pkl.name, "sha256": sha256(pkl),
                           "training_set_kwargs": _plain(set_kwargs)},
         "config": cfg.to_dict(),
     }
@@ -119,16 +127,19 @@ def import_card(meta: dict[str, Any], name: str) -> str:
     """README.md of an imported export: where it came from, its license, how to use it."""
     gen, src, model = meta["generator"], meta["imported_from"], meta["config"]["model"]
     classes = f"{gen['num_classes']} classes" if gen["num_classes"] else "unconditional"
+    shape = (f"{model['blocks_per_stage']} residual blocks per stage" if gen["arch"] == "r3gan"
+             else f"mapping {model['mapping_layers']} layers")
     return "\n".join([
         "---", "library_name: distgan", "license: other",
-        f"tags: [distgan, gan, stylegan2, image-generation{', class-conditional' if gen['num_classes'] else ''}]",
+        f"tags: [distgan, gan, {gen['arch']}, image-generation{', class-conditional' if gen['num_classes'] else ''}]",
         "pipeline_tag: unconditional-image-generation", "---", "",
         f"# {name}", "",
-        f"A StyleGAN2 network imported from the {src['format']} pickle `{src['file']}` (sha256 `{src['sha256']}`) "
+        f"A {'R3GAN' if gen['arch'] == 'r3gan' else 'StyleGAN2'} network imported from the {src['format']} pickle "
+        f"`{src['file']}` (sha256 `{src['sha256']}`) "
         f"with `distgan import`: {gen['resolution']}x{gen['resolution']}, {gen['channels']} channel(s), {classes}, "
-        f"widths {model['widths']}, mapping {model['mapping_layers']} layers, z_dim {model['z_dim']}.", "",
+        f"widths {model['widths']}, {shape}, z_dim {model['z_dim']}.", "",
         f"![samples from fixed latents (seed {meta['samples']['seed']})]({meta['samples']['file']})", "",
-        "## License", "", LICENSE_NOTE, "",
+        "## License", "", meta["data"]["license"], "",
         "## Use", "",
         "`model.safetensors` is the EMA generator, `G.safetensors` and `D.safetensors` the raw generator and the "
         "discriminator. `config.json` holds the distgan config the networks were built with.", "",

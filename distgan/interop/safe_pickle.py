@@ -16,7 +16,11 @@ is called:
   with its own allow-list (storage types only), never by `torch.load`;
 - numpy scalars (`numpy.core.multiarray.scalar` as numpy 1 writes it, `numpy._core.multiarray
   .scalar` as numpy 2 does) and `numpy.dtype` -> Python numbers, decoded with `struct`;
-- `collections.OrderedDict`, `dnnlib.util.EasyDict` (-> dict), `builtins.set`/`frozenset`.
+- `collections.OrderedDict`, `dnnlib.util.EasyDict` (-> dict), `builtins.set`/`frozenset`;
+- the network classes of brownvc/R3GAN (`R3GAN_CLASSES`), whose networks are plain `nn.Module`s
+  pickled by class name (NEWOBJ + BUILD of their `__dict__`, no persistence records, no source) ->
+  `ModuleRecord`, a `PersistentRecord` named `module.Class`: no class is imported or called; and
+  the dtypes a module's attributes name (`torch.float32`, `torch.bfloat16`, `torch.float16`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,43 @@ class PersistentRecord:
     @property
     def modules(self) -> dict[str, Any]:
         return dict(self.state.get("_modules") or {})
+
+
+class ModuleRecord(PersistentRecord):
+    """A module pickled by class (R3GAN), as data: NEWOBJ makes an empty record of the class
+    `find_class` named, BUILD stores its `__dict__` as `state`."""
+
+    class_name = ""
+
+    def __new__(cls, *args: Any) -> ModuleRecord:
+        if args:
+            raise _refuse(f"{cls.class_name} is built with arguments {str(args)[:80]}, a module is not")
+        record = object.__new__(cls)
+        record.state = {}
+        return record
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise _refuse(f"the state of {self.class_name} is a {type(state).__name__}, not a module's __dict__")
+        self.state = state
+
+
+R3GAN_CLASSES = (
+    "training.networks.Generator", "training.networks.Discriminator",
+    *(f"R3GAN.Networks.{name}" for name in (
+        "Generator", "Discriminator", "GeneratorStage", "DiscriminatorStage", "GenerativeBasis",
+        "DiscriminativeBasis", "ResidualBlock", "UpsampleLayer", "DownsampleLayer", "Convolution")),
+    "R3GAN.FusedOperators.BiasedActivationCUDA", "R3GAN.FusedOperators.BiasedActivationReference",
+    *(f"R3GAN.Resamplers.Interpolative{kind}{impl}" for kind in ("Upsampler", "Downsampler")
+      for impl in ("CUDA", "Reference")),
+    "torch.nn.modules.container.ModuleList", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Linear",
+)
+"""`module.Class` of every module an R3GAN snapshot pickles (brownvc/R3GAN training/networks.py,
+R3GAN/Networks.py and the layers they use); each becomes a `ModuleRecord` subclass."""
+
+
+def _module_record_class(qualified: str) -> type[ModuleRecord]:
+    return type(qualified.rsplit(".", 1)[1], (ModuleRecord,), {"class_name": qualified})
 
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of stylegan2-ada-pytorch and stylegan3
@@ -161,6 +202,10 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("dnnlib.util", "EasyDict"): _PlainDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    ("torch", "float32"): torch.float32,
+    ("torch", "bfloat16"): torch.bfloat16,
+    ("torch", "float16"): torch.float16,
+    **{tuple(name.rsplit(".", 1)): _module_record_class(name) for name in R3GAN_CLASSES},
 }
 """(module, name) -> the stand-in `find_class` returns; anything else is refused."""
 
@@ -234,4 +279,5 @@ def load_records(file: BinaryIO) -> Any:
         raise UnsafePickleError(f"not a readable network pickle ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["UnsafePickleError", "PersistentRecord", "RestrictedUnpickler", "load_records", "ALLOWED"]
+__all__ = ["UnsafePickleError", "PersistentRecord", "ModuleRecord", "R3GAN_CLASSES", "RestrictedUnpickler",
+           "load_records", "ALLOWED"]

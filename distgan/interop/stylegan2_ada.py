@@ -1,9 +1,9 @@
 """NVlabs StyleGAN2-ADA networks (as `safe_pickle` records) -> distgan's `stylegan2` networks.
 
 `convert(records)` reads the pickle's G, D and G_ema records, infers the distgan model config
-from their structure (resolution, channels, z/w dims, widths per stage, mapping depth,
-conditioning, minibatch-std group, conv clamp, low-precision stages), builds distgan's networks
-from it and fills every one of their tensors from the reference's, by name:
+from their structure (resolution, channels, z/w dims, widths per stage, G's mapping depth,
+conditioning, D's class-map depth, minibatch-std group, conv clamp, low-precision stages), builds
+distgan's networks from it and fills every one of their tensors from the reference's, by name:
 
     mapping.fc{i}.*              -> mapping.layers.{i}.*      (G and D; mapping.embed, w_avg as is)
     synthesis.b{res}.*           -> synthesis.blocks.{log2(res) - 2}.*   (const, conv0/1, torgb)
@@ -120,9 +120,6 @@ def infer_config(G: PersistentRecord, D: PersistentRecord) -> tuple[dict[str, An
     if g_widths != d_widths:
         raise _refuse(f"G's widths per stage {g_widths} differ from D's {d_widths} (distgan shares model.widths)")
     g_map, d_map = _mapping_layers(g_mods, "mapping"), _mapping_layers(d_mods, "mapping")
-    if c_dim and d_map != g_map:
-        raise _refuse(f"G's mapping network has {g_map} layers and D's class mapping {d_map} (NVlabs' default D "
-                      "mapping depth is 8); distgan's model.mapping_layers sets both")
     _check_layers(g_mods, "G")
     _check_layers(d_mods, "D")
     clamps = {_clamp(r) for r in (*g_mods.values(), *d_mods.values()) if "conv_clamp" in r.state}
@@ -134,6 +131,8 @@ def infer_config(G: PersistentRecord, D: PersistentRecord) -> tuple[dict[str, An
         "model.arch": "stylegan2", "data.resolution": resolution, "data.channels": channels,
         "model.z_dim": int(G.attr("z_dim")), "model.w_dim": int(G.attr("w_dim")), "model.widths": g_widths,
         "model.g_width": g_widths[-1], "model.d_width": d_widths[-1], "model.mapping_layers": g_map,
+        # An unconditional D has no class map: distgan's default (NVlabs' 8) then stays.
+        **({"model.d_mapping_layers": d_map} if c_dim else {}),
         "model.conditional": bool(c_dim), "model.mbstd_group": int(mbstd.attr("group_size")),
         "model.conv_clamp": float(next(iter(clamps), 0.0)), "model.lowp_stages": fp16,
     }

@@ -20,13 +20,21 @@ NeurIPS 2024): a plain modern ConvNet, no normalization, no mapping network, no 
 
 Widths: `model.widths` lists channels per stage from 4x4 up to the output resolution (D uses
 the list reversed); empty derives `width * min(8, R / r)` at resolution r from `g_width`/`d_width`.
-bf16: every weight is cast to the activations' dtype in the forward pass, so the networks run
-under autocast or in bf16 alike.
+Precision, as R3GAN's `FP16Stages` (its `training/networks.py` sets a `DataType` per stage): under
+an active autocast only the `model.lowp_stages` highest-resolution stages of G and D run in
+the autocast dtype, their input cast to it as R3GAN casts each stage's input; the others run with
+autocast off in fp32, and with them G's basis and modulation (R3GAN's stage 0) and D's head (its
+last stage). G's final 1x1 conv follows G's last stage and D's first 1x1 conv D's first, as
+R3GAN. The default (-1) is its presets' count, min(4, stages - 1): all but the 4x4 stage up to
+64 px, 32 px and up at 256; 0 lets every stage follow autocast. R1/R2's double backward runs through the same per-stage dtypes, as
+R3GAN's loss, which calls D as it is. Without autocast everything follows the input's dtype:
+every weight is cast to the activations' dtype in the forward pass (bf16 models work too).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +47,32 @@ LEAK = 0.2
 ACT_GAIN = math.sqrt(2 / (1 + LEAK**2))  # He gain for leaky ReLU(0.2)
 RESOLUTIONS = (16, 32, 64, 128, 256, 512, 1024)
 WIDTH_CAP = 8
+
+
+def preset_lowp_stages(stages: int) -> int:
+    """R3GAN's presets' bf16 stage count: 3 of 4 (CIFAR10), 4 of 5 (FFHQ-64), 4 of 7 (FFHQ-256)."""
+    return min(4, stages - 1)
+
+
+def lowp_stage_count(lowp_stages: int, stages: int) -> int:
+    """`model.lowp_stages` as a count of low-precision stages out of `stages`: -1 R3GAN's presets,
+    0 every stage (all follow autocast)."""
+    if lowp_stages < 0:
+        return preset_lowp_stages(stages)
+    return stages if lowp_stages == 0 else min(lowp_stages, stages)
+
+
+def at_stage_precision(fp32: bool, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`forward(x)` at a stage's precision. Under an active autocast an `fp32` stage runs with
+    autocast off on fp32 input, a low-precision one on input cast to the autocast dtype (R3GAN's
+    `x.to(self.DataType)`: the residual stream itself is bf16 there). No autocast: as it comes."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return forward(x)
+    if fp32:
+        with torch.autocast(device, enabled=False):
+            return forward(x.float())
+    return forward(x.to(torch.get_autocast_dtype(device)))
 
 
 def stage_widths(resolution: int, width: int, explicit: list[int] | tuple[int, ...] = ()) -> list[int]:
@@ -178,10 +212,12 @@ class Downsample(nn.Module):
 
 class R3GANGenerator(nn.Module):
     def __init__(self, z_dim: int, resolution: int, channels: int, widths: list[int], blocks: int, expansion: int,
-                 group_size: int, num_classes: int = 0):
+                 group_size: int, num_classes: int = 0, lowp_stages: int = -1):
         super().__init__()
         self.z_dim, self.resolution, self.channels, self.num_classes = z_dim, resolution, channels, num_classes
-        total = blocks * len(widths)
+        total, n = blocks * len(widths), len(widths)
+        lowp = lowp_stage_count(lowp_stages, n)
+        self.fp32_stages = [i < n - lowp for i in range(n)]  # the highest-resolution `lowp` follow autocast
         embed = z_dim if num_classes else 0
         self.embed = nn.Embedding(num_classes, embed) if num_classes else None
         if self.embed is not None:  # a linear map of a one-hot label, He-initialized
@@ -199,10 +235,15 @@ class R3GANGenerator(nn.Module):
         y = check_labels(labels, self.num_classes, z.shape[0], "R3GAN generator")
         if y is not None:
             z = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
-        x = self.basis.to(z.dtype).unsqueeze(0) * self.modulate(z).unsqueeze(-1).unsqueeze(-1)
-        for stage in self.stages:
-            x = stage(x)
-        return self.to_image(x)
+        x = z
+        for i, stage in enumerate(self.stages):
+            x = at_stage_precision(self.fp32_stages[i], self._basis_and_stage if i == 0 else stage, x)
+        return at_stage_precision(self.fp32_stages[-1], self.to_image, x)
+
+    def _basis_and_stage(self, z: Tensor) -> Tensor:
+        """R3GAN's stage 0: the 4x4 basis modulated by a linear map of z, then its blocks."""
+        scale = self.modulate(z)
+        return self.stages[0](self.basis.to(scale.dtype).unsqueeze(0) * scale.unsqueeze(-1).unsqueeze(-1))
 
 
 class DiscriminatorHead(nn.Module):
@@ -220,11 +261,13 @@ class DiscriminatorHead(nn.Module):
 
 class R3GANDiscriminator(nn.Module):
     def __init__(self, resolution: int, channels: int, widths: list[int], blocks: int, expansion: int,
-                 group_size: int, num_classes: int = 0):
+                 group_size: int, num_classes: int = 0, lowp_stages: int = -1):
         super().__init__()
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         widths = list(reversed(widths))  # output resolution first, 4x4 last
-        total = blocks * len(widths)
+        total, n = blocks * len(widths), len(widths)
+        lowp = lowp_stage_count(lowp_stages, n)
+        self.fp32_stages = [i >= lowp for i in range(n)]  # the first `lowp` (highest resolution) follow autocast
         self.from_image = Conv(channels, widths[0], 1)
         self.stages = nn.ModuleList()
         for i, width in enumerate(widths):
@@ -239,9 +282,9 @@ class R3GANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         y = check_labels(labels, self.num_classes, x.shape[0], "R3GAN discriminator")
-        x = self.from_image(x)
-        for stage in self.stages:
-            x = stage(x)
+        x = at_stage_precision(self.fp32_stages[0], self.from_image, x)
+        for i, stage in enumerate(self.stages):
+            x = at_stage_precision(self.fp32_stages[i], stage, x)
         if y is not None:  # projection: the features' inner product with the class embedding
             x = (x * self.embed(y).to(x.dtype)).sum(dim=1, keepdim=True)
         return x.view(x.shape[0])
@@ -251,10 +294,11 @@ class R3GANDiscriminator(nn.Module):
 def build_r3gan(cfg: ModelSettings, resolution: int, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build the R3GAN pair (G first, then D, drawing from the seeded RNG in a fixed order)."""
     shape = (cfg.blocks_per_stage, cfg.expansion, cfg.group_size)
+    lowp = cfg.lowp_stages
     g = R3GANGenerator(cfg.z_dim, resolution, channels, stage_widths(resolution, cfg.g_width, cfg.widths), *shape,
-                       num_classes=num_classes)
+                       num_classes=num_classes, lowp_stages=lowp)
     d = R3GANDiscriminator(resolution, channels, stage_widths(resolution, cfg.d_width, cfg.widths), *shape,
-                           num_classes=num_classes)
+                           num_classes=num_classes, lowp_stages=lowp)
     return g, d
 
 

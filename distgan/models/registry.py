@@ -38,8 +38,10 @@ class ModelSettings(Protocol):
     group_size: int
     w_dim: int
     mapping_layers: int
+    d_mapping_layers: int
     style_mixing_prob: float
     mbstd_group: int
+    mbstd_layout: str
     lowp_stages: int
     conv_clamp: float
     noise_mode: str

@@ -20,11 +20,14 @@ layers (equalized lr, modulated conv, [1,3,3,1] resampling, minibatch std) live 
   second latent (same labels, no w_avg update) replaces ws[:, cutoff:], cutoff uniform in
   [1, num_ws), one cutoff for the whole batch (NVlabs). Written with tensor ops (no host sync).
 - D: FromRGB at full resolution, residual blocks (two 3x3 convs, the second blur-downsampling,
-  plus a 1x1 downsampling skip, summed with gain sqrt(0.5)), then the epilogue: minibatch std,
-  3x3 conv, FC, output FC. Conditional D projects the output on a mapped class embedding (cmap).
+  plus a 1x1 downsampling skip, summed with gain sqrt(0.5)), then the epilogue: minibatch std
+  (`model.mbstd_group`, groups laid out as `model.mbstd_layout`), 3x3 conv, FC, output FC.
+  Conditional D projects the output on a mapped class embedding (cmap), from its own mapping
+  network of `model.d_mapping_layers` (NVlabs: 8, whatever G's depth).
 - Precision: `model.lowp_stages=K > 0` runs only the K highest-resolution blocks of G and D under
   the ambient autocast dtype; under autocast the rest (mapping, G's 4x4 block, lower blocks, D's
-  epilogue) runs in fp32, as NVlabs' num_fp16_res. K=0: everything follows the ambient autocast.
+  epilogue) runs in fp32, as NVlabs' num_fp16_res. K=-1 (the default) is NVlabs' 4; K=0:
+  everything follows the ambient autocast.
   In every case G's image path (the skip sum over blocks) is fp32 and so is G's output; modulated
   convs take their demodulation coefficients in fp32 and pre-normalize in fp16 (`modulated_conv2d`).
   `model.conv_clamp` clamps every conv's activations (NVlabs: 256 with num_fp16_res=4).
@@ -38,7 +41,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from distgan.models.layers import check_labels
 from distgan.models.r3gan import stage_widths
@@ -78,6 +80,8 @@ class MappingNetwork(nn.Module):
         self.force_fp32 = False
         embed = w_dim if num_classes else 0
         self.embed = FullyConnected(num_classes, embed) if num_classes else None  # on one-hot labels
+        if self.embed is not None:
+            self.embed.is_class_embedding = True  # sized by the class count: `model.reinit_class_embedding` resets it
         dims = [z_dim + embed] + [w_dim] * layers
         self.layers = nn.ModuleList(FullyConnected(dims[i], dims[i + 1], act=True, lr_multiplier=MAPPING_LR)
                                     for i in range(layers))
@@ -99,7 +103,10 @@ class MappingNetwork(nn.Module):
         parts = [normalize_2nd_moment(z)] if self.z_dim else []
         if y is not None:
             dtype = z.dtype if z is not None else self.embed.weight.dtype
-            parts.append(normalize_2nd_moment(self.embed(F.one_hot(y, self.num_classes).to(dtype))))
+            # One-hot by scatter: F.one_hot reads the labels' max back to the host on CPU (a sync
+            # per step); scatter range-checks indices as nn.Embedding does.
+            one_hot = torch.zeros(y.shape[0], self.num_classes, dtype=dtype, device=y.device)
+            parts.append(normalize_2nd_moment(self.embed(one_hot.scatter_(1, y.unsqueeze(1), 1.0))))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for layer in self.layers:
             x = layer(x)
@@ -298,10 +305,11 @@ class DiscriminatorBlock(nn.Module):
 class DiscriminatorEpilogue(nn.Module):
     """Minibatch std, conv3x3, FC, output FC (1 logit or a cmap_dim vector projected on cmap)."""
 
-    def __init__(self, cin: int, cmap_dim: int, mbstd_group: int, conv_clamp: float = 0.0):
+    def __init__(self, cin: int, cmap_dim: int, mbstd_group: int, conv_clamp: float = 0.0,
+                 mbstd_layout: str = "strided"):
         super().__init__()
         self.cmap_dim, self.force_fp32 = cmap_dim, False
-        self.mbstd = MinibatchStd(mbstd_group)
+        self.mbstd = MinibatchStd(mbstd_group, mbstd_layout)
         self.conv = Conv(cin + 1, cin, 3, conv_clamp=conv_clamp)
         self.fc = FullyConnected(cin * 16, cin, act=True)
         self.out = FullyConnected(cin, cmap_dim or 1)
@@ -318,7 +326,9 @@ class DiscriminatorEpilogue(nn.Module):
 
 class StyleGAN2Discriminator(nn.Module):
     def __init__(self, resolution: int, channels: int, widths: list[int], num_classes: int = 0,
-                 mapping_layers: int = 8, mbstd_group: int = 4, lowp_stages: int = 0, conv_clamp: float = 0.0):
+                 mapping_layers: int = 8, mbstd_group: int = 4, lowp_stages: int = 0, conv_clamp: float = 0.0,
+                 mbstd_layout: str = "strided"):
+        """`mapping_layers`: depth of the conditional D's class-embedding map (NVlabs: 8)."""
         super().__init__()
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         widths = list(reversed(widths))  # output resolution first, 4x4 last
@@ -328,7 +338,7 @@ class StyleGAN2Discriminator(nn.Module):
         cmap_dim = widths[-1] if num_classes else 0
         self.mapping = (MappingNetwork(0, num_classes, cmap_dim, None, mapping_layers, track_w_avg=False)
                         if num_classes else None)
-        self.epilogue = DiscriminatorEpilogue(widths[-1], cmap_dim, mbstd_group, conv_clamp)
+        self.epilogue = DiscriminatorEpilogue(widths[-1], cmap_dim, mbstd_group, conv_clamp, mbstd_layout)
         if lowp_stages > 0:
             for i, block in enumerate(self.blocks):
                 block.force_fp32 = i >= lowp_stages
@@ -349,15 +359,21 @@ def discriminator_blocks(D: StyleGAN2Discriminator) -> list[nn.Module]:
     return [*D.blocks, D.epilogue]
 
 
+NVLABS_LOWP_STAGES = 4
+"""`model.lowp_stages=-1`: NVlabs' `num_fp16_res`, the same in every train.py configuration."""
+
+
 @register_arch("stylegan2", resolutions=RESOLUTIONS, d_blocks=discriminator_blocks)
 def build_stylegan2(cfg: ModelSettings, resolution: int, channels: int,
                     num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build the StyleGAN2 pair (G first, then D, drawing from the seeded RNG in a fixed order)."""
+    lowp = NVLABS_LOWP_STAGES if cfg.lowp_stages < 0 else cfg.lowp_stages
     g = StyleGAN2Generator(cfg.z_dim, cfg.w_dim or cfg.z_dim, resolution, channels,
                            stage_widths(resolution, cfg.g_width, cfg.widths), num_classes, cfg.mapping_layers,
-                           cfg.style_mixing_prob, cfg.lowp_stages, cfg.conv_clamp)
+                           cfg.style_mixing_prob, lowp, cfg.conv_clamp)
     d = StyleGAN2Discriminator(resolution, channels, stage_widths(resolution, cfg.d_width, cfg.widths), num_classes,
-                               cfg.mapping_layers, cfg.mbstd_group, cfg.lowp_stages, cfg.conv_clamp)
+                               cfg.d_mapping_layers, cfg.mbstd_group, lowp, cfg.conv_clamp,
+                               cfg.mbstd_layout)
     g.noise_mode = cfg.noise_mode
     return g, d
 

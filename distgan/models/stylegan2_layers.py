@@ -10,7 +10,7 @@
   gain when upsampling), written as depthwise F.conv2d / F.conv_transpose2d with zero padding,
   exactly NVlabs' upfirdn2d.upsample2d / downsample2d.
 - `bias_act`: bias, leaky ReLU(0.2) with gain sqrt(2), then an optional clamp (conv_clamp).
-- `MinibatchStd`: D's minibatch standard deviation feature.
+- `MinibatchStd`: D's minibatch standard deviation feature (NVlabs' strided groups, or consecutive ones).
 
 Every weight is cast to the activations' dtype in the forward pass (bf16 models and autocast).
 """
@@ -187,22 +187,31 @@ def _conv(x: Tensor, weight: Tensor, up: int, fir: Tensor | None, groups: int = 
     return blur(x, fir, pad=1, gain=4.0)  # (2H + 1) + 2 - 3 = 2H pixels (NVlabs' padding for k=3)
 
 
+MBSTD_LAYOUTS = ("strided", "consecutive")
+
+
 class MinibatchStd(nn.Module):
     """Appends one channel: the standard deviation of each feature over a group of samples,
-    averaged over features and pixels. Groups are runs of consecutive samples (0..G-1, G..2G-1,
-    ...), not NVlabs' strided ones (i, i + N/G, ...), so that 2 ranks x B split the same way as
-    1 x 2B. The group size is min(group_size, N), lowered to the largest divisor of N when N is not
-    a multiple of it (e.g. N=3 with group 4 -> groups of 3; N=6 -> groups of 3; NVlabs asserts).
+    averaged over features and pixels. The group size is min(group_size, N), lowered to the largest
+    divisor of N when N is not a multiple of it (e.g. N=3 with group 4 -> groups of 3; N=6 -> groups
+    of 3; NVlabs asserts instead).
+
+    `layout` says which samples share a group:
+    - `strided` (NVlabs' `x.reshape(G, -1, ...)`): sample i with i + N/G, i + 2N/G, ...;
+    - `consecutive`: runs of neighbours (0..G-1, G..2G-1, ...), so that 2 ranks x B form the same
+      groups as 1 x 2B (what exact comparisons across process counts need).
 
     Inside `independent_sets(k)`, the batch is k equal-size sets concatenated
     (distgan's D runs reals and fakes in one forward, for one DDP/ZeRO reduction and one R1/R2
-    double backward). Each set is then grouped on its own, with min(group_size, N / k), exactly
-    as if it went through D alone (NVlabs' separate forwards): a group never mixes reals and fakes,
-    whatever the batch per rank."""
+    double backward). Each set is then grouped on its own, in either layout, with
+    min(group_size, N / k), exactly as if it went through D alone (NVlabs' separate forwards): a
+    group never mixes reals and fakes, whatever the batch per rank."""
 
-    def __init__(self, group_size: int = 4):
+    def __init__(self, group_size: int = 4, layout: str = "strided"):
         super().__init__()
-        self.group_size = group_size
+        if layout not in MBSTD_LAYOUTS:
+            raise ValueError(f"MinibatchStd layout must be one of {MBSTD_LAYOUTS}, got {layout!r}")
+        self.group_size, self.layout = group_size, layout
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -214,10 +223,13 @@ class MinibatchStd(nn.Module):
         g = min(self.group_size, per_set)
         while per_set % g:
             g -= 1
-        y = x.reshape(-1, g, c, h, w)
-        y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)  # variance over the group
-        y = (y + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N / G,)
-        y = y.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w)
+        # (sets, groups, members) or (sets, members, groups): the members' axis is reduced.
+        member_dim = 1 if self.layout == "strided" else 2
+        shape = (sets, g, per_set // g) if self.layout == "strided" else (sets, per_set // g, g)
+        y = x.reshape(*shape, c, h, w)
+        y = (y - y.mean(dim=member_dim, keepdim=True)).square().mean(dim=member_dim, keepdim=True)  # variance
+        y = (y + 1e-8).sqrt().mean(dim=(3, 4, 5))  # one value per group, 1 on the members' axis
+        y = y.expand(shape).reshape(n, 1, 1, 1).expand(n, 1, h, w)
         return torch.cat([x, y], dim=1)
 
 

@@ -180,3 +180,15 @@ def test_freeze_d_blocks_per_architecture(arch):
     assert not blocks[0].training  # spectral norm's power iteration stays fixed with the weights
     assert all(torch.equal(v, snapshot[k]) for k, v in blocks[0].state_dict().items())
     assert class_embedding_keys(D) == {k for k in keys if k.startswith("head.embed.")}
+
+
+def test_stylegan2_class_embeddings_are_found_for_reinit():
+    """StyleGAN2 embeds labels with a linear map of one-hot vectors (G's and D's mapping networks),
+    not an `nn.Embedding`: `model.reinit_class_embedding` must still reset exactly those."""
+    cfg = load_config(None, {"model.arch": "stylegan2", "model.widths": [8, 8, 8], "model.z_dim": 8,
+                             "model.mapping_layers": 2, "model.d_mapping_layers": 2, "data.resolution": 16,
+                             "model.conditional": True})
+    G, D = build_models(cfg.model, 16, 3, 5)
+    for net, prefix in ((G, "mapping.embed."), (D, "mapping.embed.")):
+        expected = {k for k in net.state_dict() if k.startswith(prefix)}
+        assert expected and class_embedding_keys(net) == expected

@@ -66,7 +66,11 @@ def _cases() -> dict[str, list[str]]:
     # slope (~4e3) turns the float summation order of one split into a 1% difference of D's biases
     # at the second step (seen with 2 processes x 2 x accumulation 2, with the flat and the
     # bucketed all-reduce alike); that is arithmetic, not a gradient-scale error.
+    # (With groups of 1 the layout is moot; consecutive is the one that splits across processes exactly.)
+    # The penalty's target is the phase's starting running mean: NVlabs' (`loss.pl_target=updated`,
+    # the default) moves it by each micro-batch's mean first, which depends on the split by design.
     cases["pl"] = ["loss.objective=logistic", "model.arch=stylegan2", "model.mapping_layers=2", "model.mbstd_group=1",
+                   "model.mbstd_layout=consecutive", "loss.pl_target=phase_start",
                    "model.noise_mode=const", "loss.pl_weight=2", "loss.pl_interval=1", "loss.pl_batch_shrink=1"]
     # The projected discriminator (frozen EfficientNet-Lite0 features, fixed random projections,
     # spectral-normalised heads) on its recipe's hinge loss, upsampling the 16 px images to 32.

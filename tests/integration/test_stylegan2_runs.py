@@ -41,10 +41,10 @@ def _ada_p(folder: Path) -> list[torch.Tensor]:
     return [load_file(str(f))["ada/p"] for f in sorted(folder.glob("rank-*.safetensors"))]
 
 
-DDP_BF16 = ["dist.mixed_precision=bf16"]
-"""The DDP runs train under bf16 autocast with every block in it (`model.lowp_stages=0`, the
-default): the path-length phase then differentiates through ws that Accelerate's prepared forward
-would have copied out of the graph. (fp32 DDP with path length: tests/integration/test_gradient_scale.py.)"""
+DDP_BF16 = ["dist.mixed_precision=bf16", "model.lowp_stages=0"]
+"""The DDP runs train under bf16 autocast with every block in it (`model.lowp_stages=0`): the
+path-length phase then differentiates through ws that Accelerate's prepared forward would have
+copied out of the graph. (fp32 DDP with path length: tests/integration/test_gradient_scale.py.)"""
 
 
 @pytest.fixture(scope="module")

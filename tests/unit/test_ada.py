@@ -20,7 +20,7 @@ class OneProcess:
         return tensor
 
 
-def controller(p=0.0, target=0.6, kimg=500.0, interval=4, p_max=1.0, batch=64, backend=None):
+def controller(p=0.0, target=0.6, kimg=500.0, interval=4, p_max=0.0, batch=64, backend=None):
     return AdaptiveAugment(backend or OneProcess(), p, target, kimg, interval, p_max, batch)
 
 
@@ -50,18 +50,45 @@ def test_p_is_clamped_at_zero_and_at_its_maximum():
     assert ada.p.item() == pytest.approx(0.3)
 
 
+def test_by_default_p_climbs_past_one_as_nvlabs_and_augment_p_max_bounds_it():
+    """NVlabs clamps p at 0 only; `loss.augment_p_max` (default 0: none) is distgan's option."""
+    cfg = load_config(None, ["loss.augment=bgc", "loss.ada_target=0.6"])
+    assert cfg.loss.augment_p_max == 0.0
+    free = controller(p=0.95, kimg=0.064, batch=8, p_max=cfg.loss.augment_p_max)  # steps of 0.5
+    bounded = controller(p=0.95, kimg=0.064, batch=8, p_max=1.0)
+    for ada in (free, bounded):
+        ada.observe(signs(4, 0))
+        ada.adjust()
+    assert free.p.item() == pytest.approx(1.45) and bounded.p.item() == 1.0
+    for ada in (free, bounded):
+        ada.observe(signs(0, 4))
+        ada.adjust()
+    assert free.p.item() == pytest.approx(0.95) and bounded.p.item() == pytest.approx(0.5)
+
+
+def test_adjustments_due_in_one_generator_step_share_their_signs():
+    """interval 1 with 2 D steps per G step: both adjustments come after the G step; they move p
+    twice towards the same r_t (adjusting twice in a row would read the second from no signs and
+    pull p the other way)."""
+    ada = controller(interval=1)
+    ada.observe(signs(4, 0))
+    ada.observe(signs(4, 0))
+    ada.d_steps_done(0, 2)
+    assert ada.rt.item() == 1.0 and ada.p.item() == pytest.approx(2 * ada.step_size)
+
+
 def test_adjusts_every_interval_d_steps_from_the_signs_since_the_last_adjustment():
     ada = controller(interval=4)
     for d_step in range(1, 4):
         ada.observe(signs(4, 0))
-        ada.d_step_done(d_step)
+        ada.d_steps_done(d_step - 1, d_step)
         assert ada.p.item() == 0.0  # not yet due
     ada.observe(signs(0, 4))  # 12 positive, 4 negative since the start: r_t = 0.5 < 0.6
-    ada.d_step_done(4)
+    ada.d_steps_done(3, 4)
     assert ada.rt.item() == pytest.approx(0.5) and ada.p.item() == 0.0
     for d_step in range(5, 9):
         ada.observe(signs(4, 0))  # only these count now: r_t = 1
-        ada.d_step_done(d_step)
+        ada.d_steps_done(d_step - 1, d_step)
     assert ada.rt.item() == 1.0 and ada.p.item() > 0
 
 
@@ -105,3 +132,35 @@ def test_the_augmentation_pipeline_reads_the_controllers_p():
 def test_bad_ada_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_lazy_r1_phase_counts_towards_the_adjustment_of_its_own_step(tiny_shards, tmp_path):
+    """NVlabs adjusts p after all the phases of a batch, so the lazy R1 phase's real logits of
+    that batch count towards that adjustment: after a step with an adjustment nothing is left
+    waiting in the running sums (the R1 phase observed its reals, then the adjustment used them)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from distgan.backends import build_backend
+    from distgan.data import build_stream
+    from distgan.models import build_models
+    from distgan.trainer import Trainer
+    from tests.helpers import tiny_overrides
+
+    overrides = ["model.arch=dcgan", "optim.d_steps=1", "loss.r1_gamma=1", "loss.r1_interval=2", "loss.augment=bgc",
+                 "loss.augment_p=0.3", "loss.ada_target=0.6", "loss.ada_interval=1", "train.log_every=1000",
+                 "train.sample_every=1000", "train.ckpt_every=1000"]
+    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path / "run", *overrides))
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+    trainer = Trainer(cfg, build_backend(cfg), stream, G, D)
+    trainer.start()
+    try:
+        assert [p.name for p in trainer.schedule.due(0)][:2] == ["Dmain", "Dreg"]
+        trainer.advance()
+    finally:
+        trainer.finish("failed")
+        trainer.backend.close()
+    assert trainer.state.d_step == 1 and trainer.ada._sums.tolist() == [0.0, 0.0]
+    assert trainer.ada.p.item() != pytest.approx(0.3)  # an adjustment ran

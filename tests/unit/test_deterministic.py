@@ -68,14 +68,16 @@ def _grids(n: int, h: int, w: int) -> list[torch.Tensor]:
     return grids
 
 
+@pytest.mark.parametrize("padding", ["reflection", "zeros"])
 @pytest.mark.parametrize("shape", [(4, 3, 16, 16), (2, 1, 8, 12)])
-def test_gather_sample_equals_grid_sample_forward_and_gradients(shape):
-    """The padding mode and corners bgc uses: bilinear, reflection, align_corners=False. Also the
-    second derivative (R1 differentiates through the warp of the reals)."""
+def test_gather_sample_equals_grid_sample_forward_and_gradients(shape, padding):
+    """The padding modes and corners bgc uses: bilinear, align_corners=False, reflection (one
+    sample, `loss.augment_supersample=false`) or zeros (the supersampled warp). Also the second
+    derivative (R1 differentiates through the warp of the reals)."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     for grid in _grids(shape[0], shape[2], shape[3]):
-        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        out = gather_sample(x, grid)
+        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+        out = gather_sample(x, grid, padding)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
         upstream = torch.randn_like(ref).requires_grad_(True)
         (g_ref,) = torch.autograd.grad(ref, x, upstream, create_graph=True)
@@ -101,9 +103,11 @@ def test_bgc_warps_with_gather_only_under_deterministic_algorithms(deterministic
     (fast, fast_grad, fast_ops), (exact, exact_grad, exact_ops) = results[False], results[True]
     assert {"grid_sampler_2d", "grid_sampler_2d_backward"} <= fast_ops and "gather" not in fast_ops
     assert "gather" in exact_ops and not exact_ops & set(RAISES_ON_CUDA_WHEN_DETERMINISTIC)
-    # Relative: the color ops scale values and gradients (up to ~20 here) after the warp.
-    torch.testing.assert_close(exact, fast, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(exact_grad, fast_grad, atol=1e-5, rtol=1e-5)
+    # Relative: the color ops scale values and gradients (up to ~20 here) after the warp. 1e-5: the
+    # supersampled warp samples a 2x canvas ~90 px wide, whose float32 coordinates the two
+    # samplers round differently (~3e-6 px).
+    torch.testing.assert_close(exact, fast, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exact_grad, fast_grad, atol=1e-3, rtol=1e-5)  # gradients reach ~900 here
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 4), (1, 3, 7, 5), (2, 4, 16, 16)])

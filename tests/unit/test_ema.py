@@ -41,18 +41,24 @@ def test_halflife_zero_makes_the_ema_a_copy():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ema.module.parameters()))
 
 
-def test_the_first_training_step_leaves_the_ema_a_copy_of_g(tiny_shards, tmp_path):
-    """The ramp-up caps the half-life at `ema_rampup` x the images seen BEFORE the step (NVlabs'
-    cur_nimg): after the first step beta is 0 and the EMA equals G exactly (counting the step's
-    own images gave beta = 0.5 ** 10 with the two D steps of the tiny config)."""
-    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path, "optim.ema_rampup=0.05",
-                                           "optim.ema_halflife_kimg=10", "train.steps=1"))
+def started_trainer(tiny_shards, tmp_path, *overrides: str) -> Trainer:
+    """A real single-process trainer on the tiny shards, started (call `finish` when done)."""
+    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path, *overrides))
     AcceleratorState._reset_state()
     GradientState._reset_state()
     torch.manual_seed(cfg.train.seed)
     stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
     trainer = Trainer(cfg, build_backend(cfg), stream, *build_models(cfg.model, 16, 3, stream.info.num_classes))
     trainer.start()
+    return trainer
+
+
+def test_the_first_training_step_leaves_the_ema_a_copy_of_g(tiny_shards, tmp_path):
+    """The ramp-up caps the half-life at `ema_rampup` x the images seen BEFORE the step (NVlabs'
+    cur_nimg): after the first step beta is 0 and the EMA equals G exactly (counting the step's
+    own images gave beta = 0.5 ** 10 with the two D steps of the tiny config)."""
+    trainer = started_trainer(tiny_shards, tmp_path, "optim.ema_rampup=0.05", "optim.ema_halflife_kimg=10",
+                              "train.steps=1")
     try:
         trainer.train_step()
     finally:
@@ -61,6 +67,36 @@ def test_the_first_training_step_leaves_the_ema_a_copy_of_g(tiny_shards, tmp_pat
     G = trainer.backend.module("G")
     assert trainer.state.nimg > 0
     assert all(torch.equal(a, b) for a, b in zip(G.parameters(), trainer.ema.module.parameters()))
+
+
+def test_ema_beta_sequence_of_the_first_steps_follows_nvlabs(tiny_shards, tmp_path):
+    """NVlabs (training_loop.py): ema_nimg = min(ema_kimg * 1000, cur_nimg * ema_rampup) with
+    cur_nimg BEFORE the step's increment, beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8)), and
+    batch_size the images the step trained on. With two D steps per generator step that is both
+    D steps' reals (16 here): beta per step, written out from the formula, must take the EMA from
+    one step's weights to the next. (A ramp-up of 10 keeps beta far from 0 and 1, so a one-step
+    lag or a one-D-step batch would show.)"""
+    trainer = started_trainer(tiny_shards, tmp_path, "optim.ema_rampup=10", "optim.ema_halflife_kimg=10",
+                              "train.steps=4")
+    snapshots = []  # (images before the step, images after, G's weights, the EMA's weights) per step
+    try:
+        for _ in range(4):
+            before = trainer.state.nimg
+            trainer.train_step()
+            copy = lambda m: [p.detach().clone() for p in m.parameters()]  # noqa: E731
+            snapshots.append((before, trainer.state.nimg, copy(trainer.backend.module("G")), copy(trainer.ema.module)))
+    finally:
+        trainer.finish("failed")
+        trainer.backend.close()
+    assert [s[1] - s[0] for s in snapshots] == [16] * 4  # batch 8 x 2 D steps
+    ema = snapshots[0][3]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0][2], ema))  # step 0: cur_nimg 0, beta 0: a copy
+    for cur_nimg, after, G, expected in snapshots[1:]:
+        beta = 0.5 ** ((after - cur_nimg) / max(min(10 * 1000, cur_nimg * 10), 1e-8))
+        assert 0.9 < beta < 0.98
+        ema = [e.lerp(g, 1 - beta) for e, g in zip(ema, G)]
+        for a, b in zip(expected, ema):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_make_ema_is_frozen_independent_copy():

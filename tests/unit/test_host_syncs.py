@@ -149,8 +149,9 @@ CASES = {
                                               "loss.r1_interval=2", "loss.pl_weight=2", "loss.pl_interval=2",
                                               "optim.accumulate=2", *ADA],
     "dcgan-wgan-gp": ["model.arch=dcgan", "loss.objective=wgan-gp", *BGC_FLOAT],
-    "stylegan2-lsgan-lazy-r1r2-pl": [*STYLEGAN2, "loss.objective=lsgan", "loss.r1_gamma=1", "loss.r2_gamma=1",
-                                     "loss.r1_interval=2", "loss.pl_weight=2", "loss.pl_interval=1", *ADA],
+    "stylegan2-lsgan-lazy-r1r2-pl-conditional": [*STYLEGAN2, "loss.objective=lsgan", "loss.r1_gamma=1",
+                                                 "loss.r2_gamma=1", "loss.r1_interval=2", "loss.pl_weight=2",
+                                                 "loss.pl_interval=1", *ADA, "model.conditional=true"],
 }
 WATCHED_STEPS = 2
 """Steps recorded after a first one (which builds the phase handles and caches): every lazy phase

@@ -38,7 +38,7 @@ from distgan.cli import main
 from distgan.config import load_config
 from distgan.interop.importer import convert_pickle, import_pickle, read_networks
 from distgan.interop.safe_pickle import PersistentRecord, UnsafePickleError, load_records
-from distgan.interop.stylegan2_ada import UnsupportedNetworkError, infer_config
+from distgan.interop.stylegan2_ada import UnsupportedNetworkError, fill, flatten, infer_config, map_discriminator
 from distgan.run import run
 from distgan.sampling import load_generator
 from tests.helpers import tiny_overrides
@@ -57,15 +57,6 @@ def imported(tmp_path_factory) -> Path:
     return import_pickle(FIXTURES / "uncond16.pkl", tmp_path_factory.mktemp("imp") / "uncond16", n=4)
 
 
-def _d_logits(D: torch.nn.Module, images: torch.Tensor, labels, group: int) -> torch.Tensor:
-    """D's logits on a batch of 4, reordered so distgan's minibatch-std groups (consecutive samples)
-    are NVlabs' (strided: sample i with i + N/G): with group 2, [0, 2, 1, 3]."""
-    order = torch.arange(4).view(group, -1).t().flatten()
-    out = torch.empty(4)
-    out[order] = D(images[order], None if labels is None else labels[order])
-    return out
-
-
 @pytest.mark.parametrize("name", ["uncond16", "cond32"])
 def test_imported_networks_reproduce_the_reference(name, tmp_path):
     ref = expected(name)
@@ -82,17 +73,33 @@ def test_imported_networks_reproduce_the_reference(name, tmp_path):
 
     _, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, len(meta["generator"]["class_names"]))
     D.load_state_dict(load_file(str(out / "D.safetensors")))
+    assert cfg.model.mbstd_layout == "strided"  # NVlabs' groups: the batch in its own order
     with torch.no_grad():
-        logits = _d_logits(D.eval(), ref["d_images"], labels, cfg.model.mbstd_group)
+        logits = D.eval()(ref["d_images"], labels)
     torch.testing.assert_close(logits, ref["d_logits"], atol=TOL, rtol=0)
     model = meta["config"]["model"]
     if name == "cond32":  # every inferred key differs from distgan's defaults here
-        assert (model["widths"], model["mapping_layers"], model["z_dim"], model["w_dim"], model["mbstd_group"],
-                model["conv_clamp"], model["lowp_stages"], model["conditional"]) == ([8, 8, 8, 4], 3, 8, 12, 2,
-                                                                                     256.0, 2, True)
+        assert (model["widths"], model["mapping_layers"], model["d_mapping_layers"], model["z_dim"], model["w_dim"],
+                model["mbstd_group"], model["conv_clamp"], model["lowp_stages"], model["conditional"]) == (
+                    [8, 8, 8, 4], 3, 3, 8, 12, 2, 256.0, 2, True)
         assert meta["config"]["data"]["channels"] == 1 and meta["generator"]["num_classes"] == 3
     card = (out / "README.md").read_text()
     assert "NVIDIA Source Code License-NC" in card and meta["imported_from"]["sha256"] in card
+
+
+def test_conditional_d_class_map_depth_is_read_from_the_pickle():
+    """NVlabs' D maps labels through its own mapping network (8 layers unless set); a pickle whose
+    D depth differs from G's imports with `model.d_mapping_layers` = D's (here G 3, D 2)."""
+    records = read_networks(FIXTURES / "cond32.pkl")
+    del records["D"].modules["mapping"].state["_modules"]["fc2"]
+    overrides, classes = infer_config(records["G"], records["D"])
+    assert (overrides["model.mapping_layers"], overrides["model.d_mapping_layers"]) == (3, 2)
+    cfg = load_config(None, overrides)
+    from distgan.models import build_models
+
+    _, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, classes)
+    D.load_state_dict(fill(D, map_discriminator(flatten(records["D"])[0], cfg.data.resolution), "D"))
+    assert len(D.mapping.layers) == 2
 
 
 def test_fixtures_carry_no_reference_source():
@@ -229,6 +236,27 @@ def test_cli_import_then_sample(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
     again = runner.invoke(main, ["import", str(FIXTURES / "cond32.pkl"), "--out", str(out)])
     assert again.exit_code == 4 and "already exists" in again.output
+
+
+def test_init_from_an_import_refuses_other_stylegan2_shapes(imported):
+    """Widths, w_dim and the mapping depths shape the networks: a fine-tuning config that differs
+    on them is refused naming each key (minibatch-std settings change no weight and may differ)."""
+    from distgan.errors import ConfigError
+    from distgan.finetune import check_compatible
+    from distgan.weights import open_weights
+
+    model = json.loads((imported / "config.json").read_text())["config"]["model"]
+    same = ["model.arch=stylegan2", "data.resolution=16", f"model.z_dim={model['z_dim']}",
+            f"model.g_width={model['g_width']}", f"model.d_width={model['d_width']}",
+            f"model.widths={json.dumps(model['widths'])}", f"model.w_dim={model['w_dim']}",
+            f"model.mapping_layers={model['mapping_layers']}", f"train.init_from={imported}"]
+    source = open_weights(imported)
+    check_compatible(source, load_config(None, [*same, "model.mbstd_layout=consecutive", "model.mbstd_group=1"]), 0)
+    other = ["model.widths=[8,8,8]", "model.w_dim=9", "model.mapping_layers=5", "model.d_mapping_layers=2"]
+    with pytest.raises(ConfigError) as e:
+        check_compatible(source, load_config(None, [*same, *other]), 0)
+    for key in ("model.widths", "model.w_dim", "model.mapping_layers", "model.d_mapping_layers"):
+        assert f"{key}: the source has" in str(e.value), key
 
 
 def test_init_from_an_import_finetunes_g_d_and_ema(imported, tiny_shards, tmp_path, fresh_accelerator):

@@ -155,3 +155,38 @@ def test_lazy_reg_adam_params():
     assert lr == pytest.approx(0.0025 * c) and betas == pytest.approx((0.0, 0.9905854573074332), rel=1e-12)
     assert lazy_reg_adam_params(1e-3, (0.5, 0.9), 0) == (1e-3, (0.5, 0.9))
     assert math.isclose(lazy_reg_adam_params(1e-3, (0.5, 0.9), 1)[0], 5e-4)
+
+
+def test_fake_labels_follow_a_skewed_datasets_class_frequencies(tmp_path):
+    """NVlabs draws each fake's label from the training set (`get_label(randint(len))`). A stream
+    has no random access, so `distgan shards` records the samples per class in dataset.json and
+    `loss.fake_labels=data` (the default) samples labels from those counts on the device
+    (torch.multinomial: no host sync, watched here with test_host_syncs' watch); `uniform` keeps
+    all classes alike."""
+    from distgan.config import load_config
+    from distgan.data import build_stream
+    from distgan.data.shards import write_shards
+    from distgan.gan.objective import GANObjective
+    from tests.helpers import make_image_folder
+    from tests.unit.test_host_syncs import HostSyncWatch
+
+    counts = {"common": 24, "rare": 2, "some": 6}  # folder names: sorted, they are the class order
+    for name, n in counts.items():
+        make_image_folder(tmp_path / "images", n_per_class=n, classes=(name,))
+    write_shards(str(tmp_path / "images"), tmp_path / "shards", resolution=16, channels=3, crop="none",
+                 shard_size=16, workers=1, progress=False)
+    frequencies = {}
+    for mode in ("data", "uniform"):
+        cfg = load_config(None, [f"data.source={tmp_path / 'shards'}", "data.resolution=16",
+                                 f"loss.fake_labels={mode}"])
+        info = build_stream(cfg.data, 0, 0, 1).info
+        assert info.class_names == sorted(counts) and info.class_counts == [counts[c] for c in info.class_names]
+        objective = GANObjective(cfg.loss, 4, info.num_classes, 8, torch.device("cpu"), class_counts=info.class_counts)
+        torch.manual_seed(0)
+        with HostSyncWatch() as watch:
+            _, labels = objective.latents(20000)
+        assert not watch.syncs, [str(s) for s in watch.syncs]
+        frequencies[mode] = torch.bincount(labels, minlength=3).double() / labels.numel()
+    expected = torch.tensor([counts[c] for c in sorted(counts)], dtype=torch.float64) / sum(counts.values())
+    torch.testing.assert_close(frequencies["data"], expected, atol=0.01, rtol=0)  # ~3 sigma at n=20000
+    torch.testing.assert_close(frequencies["uniform"], torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.015, rtol=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distgan.config import ConfigError, ModelConfig
+from distgan.config import ConfigError, ModelConfig, load_config
 from distgan.models import ARCHS, build_models, register_arch
 from distgan.models import registry
 from distgan.models.layers import ConditionalBatchNorm2d, PlainNorm2d
@@ -141,6 +141,40 @@ def test_discriminator_is_per_sample(arch):
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     with torch.no_grad():
         torch.testing.assert_close(D(x[:1], y[:1]), D(x, y)[:1], rtol=1e-5, atol=1e-6)
+
+
+def nvlabs_minibatch_std(x: torch.Tensor, group: int) -> torch.Tensor:
+    """NVlabs' MinibatchStdLayer (one channel), written out: groups of strided samples."""
+    n, c, h, w = x.shape
+    y = x.reshape(group, -1, 1, c, h, w)
+    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt().mean(dim=[2, 3, 4])
+    return torch.cat([x, y.reshape(-1, 1, 1, 1).repeat(group, 1, h, w)], dim=1)
+
+
+def test_minibatch_std_layouts():
+    """`strided` is NVlabs' grouping; `consecutive` splits across processes exactly: 2 ranks x 4
+    samples give the statistics of 1 x 8 (the strided layout does not, which the world-size
+    exactness tests avoid with model.mbstd_layout=consecutive)."""
+    from distgan.models.stylegan2_layers import MinibatchStd
+
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(MinibatchStd(2, "strided")(x), nvlabs_minibatch_std(x, 2), rtol=0, atol=1e-6)
+    for layout, exact in (("consecutive", True), ("strided", False)):
+        layer = MinibatchStd(2, layout)
+        split = torch.cat([layer(x[:4]), layer(x[4:])])
+        assert torch.allclose(split, layer(x), atol=1e-6) == exact, layout
+    with pytest.raises(ConfigError, match="model.mbstd_layout"):
+        load_config(None, ["model.mbstd_layout=random"])
+
+
+def test_stylegan2_d_class_map_depth_is_its_own():
+    """NVlabs' conditional D maps labels through 8 layers whatever G's mapping depth."""
+    cfg = load_config(None, ["model.arch=stylegan2", "model.mapping_layers=2", "model.conditional=true"]).model
+    G, D = build_models(cfg, 16, 3, N_CLASSES)
+    assert (len(G.mapping.layers), len(D.mapping.layers)) == (2, 8)
+    _, D = build_models(load_config(None, ["model.arch=stylegan2", "model.conditional=true",
+                                           "model.d_mapping_layers=3"]).model, 16, 3, N_CLASSES)
+    assert len(D.mapping.layers) == 3
 
 
 def test_unknown_arch_suggests_nearest():

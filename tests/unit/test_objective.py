@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from distgan.config import load_config
 from distgan.gan.ada import AdaptiveAugment
 from distgan.gan.objective import GANObjective
-from distgan.gan.phases import REAL_LAST, Schedule, build_phases
+from distgan.gan.phases import REAL_LAST, REAL_OWN, Schedule, build_phases
 from distgan.models import build_models
+from distgan.trainer import TrainerHooks
+from tests.helpers import tiny_overrides
+from tests.helpers.inprocess import train_in_process
 
 
 class QuadraticD(torch.nn.Module):
@@ -77,7 +80,7 @@ def test_rpgan_with_r1_and_r2_in_the_d_step_matches_autograd():
     cfg, objective, h, D, fake = setup("loss.r1_gamma=0.7", "loss.r2_gamma=1.3", "loss.r1_interval=1")
     (dmain, gmain) = Schedule(build_phases(cfg)).phases[0], Schedule(build_phases(cfg)).phases[-1]
     assert dmain.terms == ("d_adv", "r1", "r2") and dmain.double_backward
-    assert gmain.real == REAL_LAST  # the relativistic G phase needs the step's reals
+    assert gmain.real == REAL_OWN and gmain.draws_reals  # R3GAN: G draws its own real batch
     real = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     stats = objective.accumulate_gradients(dmain, h, real, None, scale=1.0)
     got = D.w.grad.clone()
@@ -85,6 +88,31 @@ def test_rpgan_with_r1_and_r2_in_the_d_step_matches_autograd():
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(stats["r1"], (2 * D.w * real).square().flatten(1).sum(1).detach(), atol=1e-5)
     assert torch.allclose(stats["r2"], (2 * D.w * fake).square().flatten(1).sum(1).detach(), atol=1e-5)
+
+
+class CountBatches(TrainerHooks):
+    def __init__(self):
+        self.batches = 0
+
+    def batch(self, trainer, images, labels):
+        self.batches += 1
+
+
+@pytest.mark.parametrize("g_reals", ["fresh", "reuse"])
+def test_relativistic_g_step_draws_its_own_reals_not_counted_as_shown_to_d(g_reals, tiny_shards, tmp_path):
+    """R3GAN's loop takes a D batch and a separate G batch each iteration and counts only the
+    first in cur_nimg. `loss.g_reals=fresh` (the default) draws a third batch per generator step
+    (2 D steps here), which the images-seen count and the logged kimg leave out; `reuse` draws none."""
+    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path, "loss.objective=rpgan", "loss.r1_gamma=0.1",
+                                           "loss.r1_interval=1", f"loss.g_reals={g_reals}", "train.steps=2",
+                                           "train.log_every=2", "train.ckpt_every=2", "train.sample_every=2",
+                                           "train.health_checks=false"))
+    gmain = build_phases(cfg)[-1]
+    assert gmain.real == (REAL_OWN if g_reals == "fresh" else REAL_LAST)
+    hook = CountBatches()
+    rows = train_in_process(cfg, [hook])
+    assert hook.batches == 2 * (2 + (g_reals == "fresh"))  # steps x (D steps [+ G's own batch])
+    assert rows[-1]["kimg"] == pytest.approx(2 * 2 * 8 / 1000)  # only D's reals count as images seen
 
 
 def test_lazy_r1_r2_phase_matches_autograd_times_its_interval():

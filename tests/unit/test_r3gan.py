@@ -6,7 +6,7 @@ import torch
 from distgan.config import load_config
 from distgan.errors import ConfigError
 from distgan.models import build_models
-from distgan.models.r3gan import Downsample, ResidualBlock, Upsample, stage_widths
+from distgan.models.r3gan import Downsample, ResidualBlock, Upsample, preset_lowp_stages, stage_widths
 
 
 def models(resolution=16, channels=3, classes=0, *extra):
@@ -119,3 +119,58 @@ def test_runs_in_bf16_and_under_autocast():
     G, D = G.to(torch.bfloat16), D.to(torch.bfloat16)
     out = D(G(z.bfloat16(), labels), labels)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def stage_dtypes(net, run):
+    """Output dtype of each stage of `net` (forward hooks) while `run()` executes."""
+    seen = {}
+    hooks = [stage.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.dtype))
+             for k, stage in enumerate(net.stages)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[k] for k in range(len(net.stages))], out
+
+
+@pytest.mark.parametrize("lowp, g_expected", [(-1, "fbb"), (0, "bbb"), (1, "ffb"), (3, "bbb")])
+def test_bf16_runs_only_the_highest_resolution_stages_low(lowp, g_expected):
+    """R3GAN's FP16Stages: under bf16 autocast G's low-resolution stages (the basis with them) and
+    D's low-resolution stages (its head with them) stay fp32; default (-1): its presets, min(4, N-1)."""
+    G, D = models(16, 3, 5, f"model.lowp_stages={lowp}")
+    z, labels = torch.randn(2, 8), torch.tensor([1, 3])
+    as_dtype = {"f": torch.float32, "b": torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_dtypes, images = stage_dtypes(G, lambda: G(z, labels))
+        x = images.detach().float().requires_grad_(True)
+        d_dtypes, logits = stage_dtypes(D, lambda: D(x, labels))
+    assert g_dtypes == [as_dtype[c] for c in g_expected]
+    assert d_dtypes == [as_dtype[c] for c in reversed(g_expected)]  # D mirrors G: highest resolution first
+    assert images.dtype == g_dtypes[-1]  # G's 1x1 to-image conv follows its last stage, as R3GAN
+    assert logits.dtype == d_dtypes[-1]
+    # R1 as the loss takes it (double backward through the same per-stage dtypes) stays finite.
+    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
+
+
+def test_bf16_default_stays_close_to_fp32_and_no_autocast_is_fp32():
+    G, D = models(32, 3, 0)
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = G(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = G(z).float()
+    assert full.dtype == torch.float32
+    # Measured here: 1.0% of the largest pixel (bf16 keeps 8 mantissa bits: 0.4% per rounding).
+    assert (half - full).abs().max() <= 0.03 * full.abs().max()
+
+
+def test_default_lowp_stages_are_r3gans_presets():
+    """brownvc/R3GAN train.py: FP16Stages [-1,-2,-3] for CIFAR10 and ImageNet-32 (4 stages),
+    [-1..-4] for FFHQ-64 and ImageNet-64 (5) and FFHQ-256 (7); D's mirror G's."""
+    assert [preset_lowp_stages(n) for n in (4, 5, 7)] == [3, 4, 4]
+    G, D = models(256, 3, 0)  # 7 stages: 4x4, 8x8 and 16x16 stay fp32 in both
+    assert G.fp32_stages == [True] * 3 + [False] * 4 and D.fp32_stages == [False] * 4 + [True] * 3

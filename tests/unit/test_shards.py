@@ -195,11 +195,11 @@ def test_fashion_mnist_idx_and_cache(tmp_path, monkeypatch):
     _write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
     monkeypatch.setenv("DISTGAN_FASHION_MNIST_DIR", str(root))
     cache = tmp_path / "cache"
-    (cache / "fashion-mnist-r28-c1-v1.tmp-12345").mkdir(parents=True)  # a killed build's leftovers
+    (cache / "fashion-mnist-r28-c1-v2.tmp-12345").mkdir(parents=True)  # a killed build's leftovers
     folder = materialize("fashion-mnist", 28, 1, cache, workers=1, progress=False)
     m = json.loads((folder / MANIFEST).read_text())
     assert m["num_samples"] == 30 and m["class_names"] == FASHION_CLASSES and "Zalando" in m["license"]
-    assert sorted(p.name for p in cache.iterdir()) == ["fashion-mnist-r28-c1-v1", "fashion-mnist-r28-c1-v1.lock"]
+    assert sorted(p.name for p in cache.iterdir()) == ["fashion-mnist-r28-c1-v2", "fashion-mnist-r28-c1-v2.lock"]
     got = {np.asarray(Image.open(io.BytesIO(f["png"]))).tobytes(): int(f["cls"])
            for s in m["shards"] for f in tar_samples(folder / s["name"]).values()}
     assert got == {images[i].tobytes(): i % 10 for i in range(30)}

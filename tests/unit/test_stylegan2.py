@@ -219,27 +219,33 @@ def test_256_widths_and_w_dim():
         load_config(None, ["model.arch=stylegan2", "model.style_mixing_prob=1.5"])
 
 
+@pytest.mark.parametrize("layout", ["strided", "consecutive"])
 @pytest.mark.parametrize("batch", [1, 3, 4, 6, 8])
-def test_minibatch_std(batch):
+def test_minibatch_std(batch, layout):
     torch.manual_seed(0)
     x = torch.randn(batch, 5, 4, 4)
-    out = MinibatchStd(4)(x)
+    out = MinibatchStd(4, layout)(x)
     assert out.shape == (batch, 6, 4, 4) and torch.equal(out[:, :5], x)
     group = {1: 1, 3: 3, 4: 4, 6: 3, 8: 4}[batch]
-    for i in range(batch):  # sample i is grouped with its neighbours: group // G
-        members = x[i // group * group:(i // group + 1) * group]
+    groups = batch // group
+    for i in range(batch):  # strided (NVlabs): i, i + N/G, ...; consecutive: its neighbours, group i // G
+        members = x[i % groups::groups] if layout == "strided" else x[i // group * group:(i // group + 1) * group]
         want = (members.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
         assert torch.allclose(out[i, 5], want.expand(4, 4), atol=1e-6)
     _, D = models(16)
     assert D(torch.randn(batch, 3, 16, 16)).shape == (batch,)
 
 
-def test_minibatch_std_never_mixes_reals_with_fakes_in_one_forward():
-    """The objective runs D on cat(reals, fakes): each half's statistics are its own."""
+@pytest.mark.parametrize("layout", ["strided", "consecutive"])
+def test_minibatch_std_never_mixes_reals_with_fakes_in_one_forward(layout):
+    """The objective runs D on cat(reals, fakes) inside independent_sets(2): each half's statistics
+    are its own, in either group layout."""
     torch.manual_seed(0)
     real, fake = torch.randn(8, 5, 4, 4), torch.zeros(8, 5, 4, 4)
-    both = MinibatchStd(4)(torch.cat([real, fake]))
-    assert torch.equal(both[:8], MinibatchStd(4)(real)) and torch.allclose(both[8:, 5], torch.full((8, 4, 4), 1e-4))
+    with independent_sets(2):
+        both = MinibatchStd(4, layout)(torch.cat([real, fake]))
+    assert torch.equal(both[:8], MinibatchStd(4, layout)(real))
+    assert torch.allclose(both[8:, 5], torch.full((8, 4, 4), 1e-4))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 8])
@@ -258,7 +264,7 @@ def test_d_on_independent_sets_equals_separate_forwards(n):
 
 
 def test_independent_sets_is_undone_on_exit_and_rejects_uneven_batches():
-    layer, x = MinibatchStd(4), torch.randn(6, 2, 4, 4)
+    layer, x = MinibatchStd(4, "consecutive"), torch.randn(6, 2, 4, 4)
     with pytest.raises(ValueError, match="6 cannot be split into 4 equal sets"), independent_sets(4):
         layer(x)
     with independent_sets(2):
@@ -342,7 +348,7 @@ def test_lowp_stages_keep_lower_blocks_in_fp32():
     fp32, bf16 = (torch.float32, torch.float32), torch.bfloat16
     assert seen["G 8x8"] == seen["D 16x16"] == seen["D 4x4"] == fp32 and out.dtype == torch.float32
     assert seen["G 32x32"][1] == seen["D 32x32"][1] == bf16
-    G0, D0 = models(32, 3, 5)  # lowp_stages=0: every block follows autocast
+    G0, D0 = models(32, 3, 5, "model.lowp_stages=0")  # every block follows autocast
     G0.synthesis.blocks[1].conv1.register_forward_hook(record("G0 8x8"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         D0(G0(z, labels), labels)
