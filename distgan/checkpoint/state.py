@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
@@ -18,9 +19,12 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
+from distgan.checkpoint.legacy import older_checkpoint_changes
 from distgan.config import frozen_keys
 from distgan.errors import ConfigError
 from distgan.schedules import Scheduled
+
+log = logging.getLogger("distgan")
 
 
 class Stateful(Protocol):
@@ -211,6 +215,11 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
     old_r1, new_r1 = get(saved, "loss.r1_gamma"), get(current, "loss.r1_gamma")
     if old_r1 is not None and Scheduled.parse(old_r1, "loss.r1_gamma").nonzero() != Scheduled.parse(new_r1, "loss.r1_gamma").nonzero():
         changed.append(f"loss.r1_gamma: checkpoint has {old_r1!r}, config has {new_r1!r} (turns lazy R1 on/off)")
+    # A checkpoint saved before a key existed trained with that key's old behaviour (checkpoint/legacy.py).
+    errors, warnings = older_checkpoint_changes(saved, current)
+    changed += errors
+    for line in warnings:
+        log.warning("Resuming: %s", line)
     if changed:
         raise ConfigError("Cannot resume with a config that changes the networks or optimizers:\n  " + "\n  ".join(changed)
                           + "\nStart a new run (train.run_dir=...) or set train.resume=none.")
