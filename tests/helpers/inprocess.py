@@ -26,3 +26,21 @@ def train_in_process(cfg: Config, hooks=()) -> list[dict]:
     GradientState._reset_state()
     assert run(cfg, hooks=list(hooks)) == "done"
     return metric_rows(cfg.run_dir)
+
+
+def build_trainer(cfg: Config):
+    """A real single-process Trainer for `cfg` (seeded, fresh Accelerate state), not started: for
+    tests that drive its steps themselves."""
+    import torch
+
+    from distgan.backends import build_backend
+    from distgan.data import build_stream
+    from distgan.models import build_models
+    from distgan.trainer import Trainer
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    torch.manual_seed(cfg.train.seed)
+    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
+    return Trainer(cfg, build_backend(cfg), stream, G, D)

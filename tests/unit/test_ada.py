@@ -138,23 +138,13 @@ def test_a_lazy_r1_phase_counts_towards_the_adjustment_of_its_own_step(tiny_shar
     """NVlabs adjusts p after all the phases of a batch, so the lazy R1 phase's real logits of
     that batch count towards that adjustment: after a step with an adjustment nothing is left
     waiting in the running sums (the R1 phase observed its reals, then the adjustment used them)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from distgan.backends import build_backend
-    from distgan.data import build_stream
-    from distgan.models import build_models
-    from distgan.trainer import Trainer
     from tests.helpers import tiny_overrides
+    from tests.helpers.inprocess import build_trainer
 
     overrides = ["model.arch=dcgan", "optim.d_steps=1", "loss.r1_gamma=1", "loss.r1_interval=2", "loss.augment=bgc",
                  "loss.augment_p=0.3", "loss.ada_target=0.6", "loss.ada_interval=1", "train.log_every=1000",
                  "train.sample_every=1000", "train.ckpt_every=1000"]
-    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path / "run", *overrides))
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
-    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
-    trainer = Trainer(cfg, build_backend(cfg), stream, G, D)
+    trainer = build_trainer(load_config(None, tiny_overrides(tiny_shards, tmp_path / "run", *overrides)))
     trainer.start()
     try:
         assert [p.name for p in trainer.schedule.due(0)][:2] == ["Dmain", "Dreg"]

@@ -2,17 +2,14 @@
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from distgan.backends import build_backend
 from distgan.config import load_config
-from distgan.data import build_stream
 from distgan.gan.ema import EMA, ema_beta, make_ema, update_ema
-from distgan.models import build_models
 from distgan.trainer import Trainer
 from tests.helpers import tiny_overrides
+from tests.helpers.inprocess import build_trainer
 
 
 def test_beta_formula():
@@ -43,12 +40,7 @@ def test_halflife_zero_makes_the_ema_a_copy():
 
 def started_trainer(tiny_shards, tmp_path, *overrides: str) -> Trainer:
     """A real single-process trainer on the tiny shards, started (call `finish` when done)."""
-    cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path, *overrides))
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    torch.manual_seed(cfg.train.seed)
-    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
-    trainer = Trainer(cfg, build_backend(cfg), stream, *build_models(cfg.model, 16, 3, stream.info.num_classes))
+    trainer = build_trainer(load_config(None, tiny_overrides(tiny_shards, tmp_path, *overrides)))
     trainer.start()
     return trainer
 

@@ -22,15 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distgan.backends import build_backend
 from distgan.config import load_config
-from distgan.data import build_stream
-from distgan.models import build_models
 from distgan.trainer import Trainer
 from tests.helpers import tiny_overrides
+from tests.helpers.inprocess import build_trainer
 
 aten = torch.ops.aten
 
@@ -164,12 +161,7 @@ def _trainer(shards: Path, run_dir: Path, overrides: list[str]) -> Trainer:
     cfg = load_config(None, tiny_overrides(shards, run_dir, "train.steps=1000", "train.log_every=1000",
                                            "train.sample_every=1000", "train.ckpt_every=1000",
                                            "train.signal_check_every=1000", "optim.ema_rampup=0.05", *overrides))
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    torch.manual_seed(cfg.train.seed)
-    stream = build_stream(cfg.data, cfg.train.seed, 0, 1)
-    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels, stream.info.num_classes)
-    return Trainer(cfg, build_backend(cfg), stream, G, D)
+    return build_trainer(cfg)
 
 
 @pytest.mark.parametrize("case", list(CASES))
